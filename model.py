@@ -1,0 +1,586 @@
+"""The LLaMA family (Llama-2, Llama-3, Mistral) in plain PyTorch, and the fused weighted loss of C-RLFT.
+
+Read top to bottom:
+  1. ModelConfig and its named presets.
+  2. The blocks: RMSNorm, RoPE, attention (packed stream, padded batch, KV cache), SwiGLU MLP.
+  3. Transformer: one forward for the three uses (training on packed streams, a padded batch, decoding).
+  4. The fused weighted cross-entropy: Σ w·CE without ever materialising the [N, V] logits.
+  5. Hugging Face checkpoint I/O (safetensors only) and adding special tokens to the vocabulary.
+
+Parameter names are those of Hugging Face's LlamaForCausalLM without the "model." prefix, so loading a
+checkpoint is a copy by name. This file runs on one device; parallelism belongs to train.py.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+try:  # flash attention over cu_seqlens (torch >= 2.10); used on CUDA for packed streams
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+# torch 2.11's varlen_attn has no enable_gqa (torch 2.13 does): there we repeat the K/V heads ourselves.
+VARLEN_HAS_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention
+    ffn_dim: int = 11008
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3.1 "llama3": factor, low/high_freq_factor, original_max_position_embeddings
+    max_seq_len: int = 4096
+    sliding_window: int | None = None  # Mistral: each token sees itself and the window - 1 tokens before it
+    tie_embeddings: bool = False
+    architecture: str = "LlamaForCausalLM"  # or "MistralForCausalLM"; what config.json names
+    bos_token_id: int | list[int] | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.architecture not in HF_MODEL_TYPES:
+            raise ValueError(f"architecture {self.architecture!r} is not one of {sorted(HF_MODEL_TYPES)}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+PRESETS = {
+    # Tests and demos: small enough for a CPU, with every variation of the family switched on somewhere.
+    "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512),
+    "tiny-mistral": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                         max_seq_len=512, sliding_window=16, architecture="MistralForCausalLM"),
+    # The real shapes, as their Hugging Face config.json files give them.
+    "TinyLlama-1.1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
+    "Llama-2-7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    "Llama-2-13B": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
+    "Mistral-7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, max_seq_len=32768,
+                       sliding_window=4096, architecture="MistralForCausalLM"),
+    "Llama-3-8B": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                       rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000, eos_token_id=128001),
+    "Llama-3.1-8B": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                         rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
+                         bos_token_id=128000, eos_token_id=128001),
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32, scale in the input dtype (as the reference Llama does, so bf16 outputs match).
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
+    """The rotary frequencies θ^(-2i/d), with Llama-3.1's "llama3" rescaling of the long wavelengths.
+    Computed in float32 at each forward (a few tiny kernels) rather than kept as a buffer, which
+    model.to(torch.bfloat16) would round and a model built on the meta device would leave empty."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    s = cfg.rope_scaling
+    old_len, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"],
+                                  s["high_freq_factor"], s["factor"])
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than old_len/low are slowed down by `factor`, shorter than old_len/high kept, and
+    # those in between interpolated smoothly.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, hd]; cos, sin [B, T, hd]. Rotates the pairs (i, i + hd/2), the Hugging Face layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+def attention_mask(q_pos, k_pos, window: int | None):
+    """bool [B, 1, T, S]: query at position q_pos sees key at k_pos if k_pos <= q_pos, within the window."""
+    d = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+    visible = d >= 0
+    if window is not None:
+        visible &= d < window
+    return visible[:, None]
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int | None):
+    """Flash attention over a packed stream: q [N, nh, hd], k, v [N, nkv, hd] → [N, nh, hd], causal inside
+    each conversation of cu_seqlens (int32 [S+1])."""
+    gqa = {}
+    if k.shape[1] != q.shape[1]:
+        if VARLEN_HAS_GQA:
+            gqa = {"enable_gqa": True}
+        else:  # torch 2.11: query head h uses K/V head h // (nh / nkv), as repeat_interleave lays them out
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    window_size = (-1 if window is None else window - 1, 0)  # (left, right); right 0 = causal
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=window_size, **gqa)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs besides its own q, k, v; built once per forward."""
+    cos: torch.Tensor  # [B, T, hd] rotary tables at each token's position
+    sin: torch.Tensor
+    positions: torch.Tensor  # [B, T] each token's position: where its K/V go in a KV cache
+    mask: torch.Tensor | None  # bool [B, 1, T, S] for SDPA; None on the flash varlen path
+    cu_seqlens: torch.Tensor | None = None  # flash varlen path only
+    max_seqlen: int | None = None
+
+
+class KVCache(nn.Module):
+    """A static cache: K/V of position p of row b live at [b, p]; slots past a row's position are masked."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions, k, v):
+        """Writes k, v [B, T, nkv, hd] at positions [B, T]; returns the cache rows [B, S, nkv, hd]."""
+        B = k.shape[0]
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.k[rows, positions] = k
+        self.v[rows, positions] = v
+        return self.k[:B], self.v[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, a: AttentionInputs):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
+        if a.mask is None:  # packed stream on CUDA: the batch is one stream, B = 1
+            y = varlen_attention(q[0], k[0], v[0], a.cu_seqlens, a.max_seqlen, self.window)[None]
+        else:
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(a.positions, k, v)  # [B, S, nkv, hd]
+            y = F.scaled_dot_product_attention(  # (B, nh, T, hd)
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=a.mask,
+                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, a: AttentionInputs):
+        x = x + self.self_attn(self.input_layernorm(x), a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random weights for training from scratch. A model built on the meta device has no values: call
+        this after `to_empty(device=...)` (from_pretrained fills the weights from the checkpoint instead)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def to_empty(self, *, device, recurse=True):
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_embeddings:  # to_empty makes new parameter objects: tie them again
+            self.lm_head.weight = self.embed_tokens.weight
+        return self
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None):
+        """Gives every layer a static KV cache; from then on forward(tokens [B, T], positions [B, T])
+        decodes incrementally: each token's K/V are stored at its position and it attends to the stored
+        positions up to its own."""
+        p = self.lm_head.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len or self.config.max_seq_len,
+                                               self.config.n_kv_heads, self.config.head_dim, p.dtype, p.device)
+
+    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, targets=None, weights=None):
+        """Three uses of one forward:
+        - padded batch: tokens [B, T], each row one sequence starting at position 0 → logits [B, T, V];
+        - packed stream: tokens [N], positions [N] restarting at 0 for each conversation, cu_seqlens
+          (int32 [S+1], the conversation boundaries), optionally max_seqlen → logits [N, V];
+        - decoding after setup_kv_cache: tokens [B, T] at positions [B, T] → logits [B, T, V].
+        With targets and weights (the shape of tokens), return instead (Σ w·CE, Σ w·[argmax = target])
+        from the fused loss: the [N, V] logits are never materialised."""
+        packed = tokens.dim() == 1
+        if packed:
+            if positions is None or cu_seqlens is None:
+                raise ValueError("a packed stream tokens [N] needs positions [N] and cu_seqlens [S+1]")
+            tokens, positions = tokens[None], positions[None]  # the stream is a batch of one
+        elif positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed_tokens(tokens)
+        a = self.attention_inputs(positions, x.dtype, cu_seqlens if packed else None, max_seqlen)
+        for layer in self.layers:
+            x = layer(x, a)
+        x = self.norm(x)
+        if targets is None:
+            logits = self.lm_head(x)
+            return logits[0] if packed else logits
+        # The output weight is read here, inside the forward of the module that owns it: under FSDP2 it is
+        # the gathered (unsharded) parameter at this point, and its gradient flows back through autograd.
+        return fused_weighted_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                            weights.flatten())
+
+    def attention_inputs(self, positions, dtype, cu_seqlens, max_seqlen) -> AttentionInputs:
+        angles = positions.float()[..., None] * rope_inv_freq(self.config, positions.device)  # [B, T, hd/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cache = self.layers[0].self_attn.kv_cache
+        window = self.config.sliding_window
+        if cu_seqlens is None:  # padded batch (keys are the tokens themselves) or decoding (keys in the cache)
+            k_pos = positions if cache is None else torch.arange(cache.k.shape[1], device=positions.device)[None]
+            return AttentionInputs(cos, sin, positions, attention_mask(positions, k_pos, window))
+        if cache is not None:
+            raise ValueError("packed streams are for training: drop the KV cache first")
+        if positions.is_cuda and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync: pass it if you can
+            return AttentionInputs(cos, sin, positions, None, cu_seqlens, max_seqlen)
+        # Fallback (CPU, float32): one dense mask, causal by position and never across conversations.
+        idx = torch.arange(positions.shape[1], device=positions.device)
+        conversation = torch.searchsorted(cu_seqlens[1:], idx, right=True)  # [N] which conversation
+        same = conversation[:, None] == conversation[None, :]
+        return AttentionInputs(cos, sin, positions, attention_mask(positions, positions, window) & same)
+
+    # -----------------------------------------------------------------------------------------------------
+    # 5. Checkpoints in the Hugging Face format (safetensors only) and special tokens
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
+        """Loads a Hugging Face folder (config.json + model.safetensors or indexed shards). The model is
+        built on the meta device and filled one tensor at a time: never two copies of the weights."""
+        path = Path(path)
+        config = config_from_hf(read_json(path / "config.json"), path / "config.json")
+        with torch.device("meta"):
+            model = cls(config).to(dtype)
+        model.to_empty(device=device)
+        params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
+        loaded = set()
+        with torch.no_grad():
+            for file, hf_name, tensor in iter_checkpoint_tensors(path):
+                if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry: recomputed
+                    continue
+                name = hf_name.removeprefix("model.")
+                if name not in params:
+                    raise ValueError(f"{file}: tensor {hf_name} is not a parameter of {config.architecture} "
+                                     f"with this config.json (tie_word_embeddings={config.tie_embeddings})")
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                                     f"config.json implies {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+                loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        return model
+
+    def save_pretrained(self, path, dtype=None, max_shard_bytes=5_000_000_000):
+        """Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards of at most
+        max_shard_bytes with model.safetensors.index.json: the layout transformers and vLLM load. Each file
+        is written under a temporary name and renamed into place; stale shards of an earlier save go."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = dtype or self.lm_head.weight.dtype
+        names = [n for n, _ in self.named_parameters()]  # a tied lm_head is not saved, as HF does
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shards, size = [[]], 0
+        for name in names:
+            nbytes = self.get_parameter(name).numel() * itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        files = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map = {}
+        for file, shard in zip(files, shards):  # one shard in memory at a time
+            tensors = {hf_tensor_name(n): self.get_parameter(n).detach().to("cpu", dtype).contiguous()
+                       for n in shard}
+            write_atomically(path / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(tensors, file))
+        written = set(files)
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(self.get_parameter(n).numel() for n in names) * itemsize},
+                     "weight_map": weight_map}
+            write_json(path / "model.safetensors.index.json", index)
+            written.add("model.safetensors.index.json")
+        for stale in path.glob("model*.safetensors*"):
+            if stale.name not in written:
+                stale.unlink()
+        write_json(path / "config.json", config_to_hf(self.config, dtype))
+
+    @torch.no_grad()
+    def extend_vocab(self, vocab_size: int):
+        """Appends rows for new special tokens (SPEC §3: <|end_of_turn|>, pads) to the input embedding and
+        the output head; each new row starts as the mean of the existing rows of its matrix."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
+        self.embed_tokens.weight = extend_rows(self.embed_tokens.weight, vocab_size)
+        self.embed_tokens.num_embeddings = vocab_size
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            self.lm_head.weight = extend_rows(self.lm_head.weight, vocab_size)
+        self.lm_head.out_features = vocab_size
+        self.config = replace(self.config, vocab_size=vocab_size)
+
+
+def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
+    new = weight.new_empty(n_rows, weight.shape[1])
+    new[: len(weight)] = weight
+    new[len(weight):] = weight.mean(0, dtype=torch.float32).to(weight.dtype)
+    return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The fused weighted loss (SPEC §2: the numerator Σ_t w_t·CE_t; train.py divides by the global Σ w)
+
+# Supervised tokens per chunk. Each chunk holds its [C, V] logits in float32 plus a bf16 copy of the
+# gradient of the logits (6·C·V bytes) while the weight gradient is accumulated in a float32 [V, H]
+# buffer, read and written once per chunk. Larger chunks amortise that traffic over more matmul work;
+# smaller ones use less memory. At 1024 tokens the chunk costs 196 MB at V = 32,000 (787 MB at 128,256),
+# which keeps the loss under a fifth of the naive memory (bench.py loss), and the [1024, H] × [H, V]
+# matmuls are large enough to run at full speed on a GPU.
+CHUNK_TOKENS = 1024
+
+
+class FusedWeightedCrossEntropy(torch.autograd.Function):
+    """Σ_t w_t·CE(h_t Wᵀ, y_t) and Σ_t w_t·[argmax h_t Wᵀ = y_t] over the tokens with w_t ≠ 0, a chunk of
+    them at a time. The gradients are computed in the same pass (the logits exist only there) and handed
+    to autograd in backward, scaled by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, need_grad, chunk_tokens):
+        # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float
+        cdt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        kept = weights.nonzero().squeeze(1)  # the supervised tokens; the others cost nothing
+        loss = torch.zeros((), dtype=cdt, device=hidden.device)
+        correct = torch.zeros((), dtype=cdt, device=hidden.device)
+        if need_grad:
+            grad_hidden = torch.zeros_like(hidden)
+            grad_weight = torch.zeros_like(weight, dtype=cdt)  # float32 accumulator for a bf16 weight
+        for start in range(0, len(kept), chunk_tokens):
+            idx = kept[start:start + chunk_tokens]
+            h, y, w = hidden[idx], targets[idx], weights[idx].to(cdt)  # [C, H], [C], [C]
+            logits = (h @ weight.T).to(cdt)  # [C, V]
+            lse = torch.logsumexp(logits, dim=1)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            loss += (w * (lse - target_logit)).sum()  # CE = logsumexp(z) − z_y
+            correct += (w * (logits.argmax(1) == y)).sum()
+            if not need_grad:
+                continue
+            # dCE/dz = softmax(z) − onehot(y); fold each token's weight into its row before the products.
+            g = logits.sub_(lse[:, None]).exp_().mul_(w[:, None])
+            g[torch.arange(len(idx), device=g.device), y] -= w
+            g = g.to(hidden.dtype)
+            grad_hidden[idx] = g @ weight  # [C, H]
+            if grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(g.T, h)
+            else:  # no matmul here writes float32 from bf16 inputs: add the bf16 product into float32
+                grad_weight += g.T @ h
+        ctx.mark_non_differentiable(correct)
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # In place: the saved gradients are used once (a second backward is refused by autograd).
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)),
+                None, None, None, None)
+
+
+def fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=CHUNK_TOKENS):
+    """(Σ w·CE, Σ w·[argmax = target]) of the logits hidden @ weight.T, in float32 (float64 for float64
+    inputs), without materialising them. hidden [N, H] and weight [V, H] share a dtype; targets [N] int;
+    weights [N] ≥ 0, zero for every token that is not supervised (its target is never read)."""
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}")
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return FusedWeightedCrossEntropy.apply(hidden, weight, targets, weights, need_grad, chunk_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face config.json and safetensors files
+
+
+def config_from_hf(hf: dict, source) -> ModelConfig:
+    """Our config from a Hugging Face config.json (transformers 4 or 5 layout); refuses what we do not
+    implement rather than loading it wrong."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch not in HF_MODEL_TYPES:
+        raise ValueError(f"{source}: architectures {hf.get('architectures')!r} is not supported; this model "
+                         f"implements {' and '.join(HF_MODEL_TYPES)}")
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, expected) != expected:
+            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 or 4
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        ffn_dim=hf["intermediate_size"], head_dim=hf.get("head_dim"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_scaling=({k: rope[k] for k in _LLAMA3_ROPE} if rope_type == "llama3" else None),
+        max_seq_len=hf.get("max_position_embeddings", 4096), sliding_window=hf.get("sliding_window"),
+        tie_embeddings=hf.get("tie_word_embeddings", False), architecture=arch,
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """The config.json transformers and vLLM read (the transformers 4 keys, which version 5 also reads)."""
+    hf = {
+        "architectures": [cfg.architecture], "model_type": HF_MODEL_TYPES[cfg.architecture],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling and {"rope_type": "llama3", **cfg.rope_scaling},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.architecture == "MistralForCausalLM":
+        hf["sliding_window"] = cfg.sliding_window
+    elif cfg.sliding_window is not None:
+        raise ValueError("a sliding window needs architecture MistralForCausalLM (Llama has none)")
+    return hf
+
+
+def hf_tensor_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if not index.exists():
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
+                                f"(pickle .bin checkpoints are not read: convert them to safetensors)")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no 'weight_map' object")
+    files = [path / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"{index} lists {file.name}, which is missing")
+    return files
+
+
+def iter_checkpoint_tensors(path):
+    """Yields (file, Hugging Face name, tensor) one tensor at a time, shard after shard."""
+    for file in checkpoint_files(Path(path)):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield file, name, f.get_tensor(name)
+
+
+def read_json(path: Path):
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
+
+
+def write_atomically(path: Path, write):
+    """write(tmp) fills a temporary file beside path, which then replaces path: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
