@@ -449,15 +449,17 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
         for start in range(0, len(kept), chunk_tokens):
             idx = kept[start:start + chunk_tokens]
             h, y, w = hidden[idx], targets[idx], weights[idx].to(cdt)  # [C, H], [C], [C]
-            logits = (h @ weight.T).to(cdt)  # [C, V]
-            lse = torch.logsumexp(logits, dim=1)
+            logits = (h @ weight.T).to(cdt)  # [C, V], the only chunk-sized buffer (updated in place)
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
-            loss += (w * (lse - target_logit)).sum()  # CE = logsumexp(z) − z_y
-            correct += (w * (logits.argmax(1) == y)).sum()
+            row_max, argmax = logits.max(dim=1)
+            correct += (w * (argmax == y)).sum()
+            exp = logits.sub_(row_max[:, None]).exp_()
+            sum_exp = exp.sum(dim=1)
+            loss += (w * (row_max + sum_exp.log() - target_logit)).sum()  # CE = logsumexp(z) − z_y
             if not need_grad:
                 continue
             # dCE/dz = softmax(z) − onehot(y); fold each token's weight into its row before the products.
-            g = logits.sub_(lse[:, None]).exp_().mul_(w[:, None])
+            g = exp.mul_((w / sum_exp)[:, None])
             g[torch.arange(len(idx), device=g.device), y] -= w
             g = g.to(hidden.dtype)
             grad_hidden[idx] = g @ weight  # [C, H]

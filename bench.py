@@ -1,0 +1,134 @@
+"""Benchmarks, each measured side by side with its baseline in one run and printed with the machine.
+
+  python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time and peak memory
+
+Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
+"""
+
+import argparse
+import multiprocessing
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import fused_weighted_cross_entropy
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss
+
+
+def naive_loss(hidden, weight, targets, weights):
+    logits = (hidden @ weight.T).float()  # [N, V]: what the fused loss never materialises
+    return (weights * F.cross_entropy(logits, targets, reduction="none")).sum()
+
+
+def fused_loss(hidden, weight, targets, weights):
+    return fused_weighted_cross_entropy(hidden, weight, targets, weights)[0]
+
+
+def current_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    return read_proc_status("VmRSS")
+
+
+def reset_peak_memory(device: str):
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS to the current RSS
+
+
+def peak_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return read_proc_status("VmHWM")
+
+
+def read_proc_status(key: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) * 1024
+
+
+def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device, repeats):
+    """(median milliseconds of forward + backward, peak bytes beyond the inputs incl. gradients)."""
+    torch.manual_seed(0)
+    loss_fn = {"naive": naive_loss, "fused": fused_loss}[impl]
+    h = (torch.randn(tokens, hidden, device=device) / hidden ** 0.25).to(dtype).requires_grad_()
+    W = (torch.randn(vocab, hidden, device=device) / hidden ** 0.25).to(dtype).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), device=device)
+    w = (torch.rand(tokens, device=device) >= zero_fraction).float()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        h.grad = W.grad = None
+        loss_fn(h, W, y, w).backward()
+        sync()
+
+    sync()
+    before = current_memory(device)
+    reset_peak_memory(device)
+    step()  # the first run, in a fresh process, gives the memory figure
+    extra = peak_memory(device) - before
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, extra
+
+
+def bench_loss(args):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # On a GPU, the sizes of ../PERF targets; on a CPU, smaller ones, and float32 (CPUs without native
+    # bf16 matmuls run bf16 through a slow fallback that would measure nothing useful).
+    tokens = args.tokens or (16384 if device == "cuda" else 2048)
+    hidden = args.hidden or (4096 if device == "cuda" else 1024)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    print(f"bench.py loss on {device_name(device)}, torch {torch.__version__}")
+    print(f"{tokens} tokens x hidden {hidden}, {dtype}, {args.zero_fraction:.0%} zero-weight tokens, "
+          f"forward + backward, median of {args.repeats}; memory = peak beyond the inputs, gradients included "
+          f"({'CUDA allocator' if device == 'cuda' else 'peak RSS growth'})\n")
+    print("| vocab | naive ms | fused ms | time fused/naive | naive extra | fused extra | memory fused/naive |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    spawn = multiprocessing.get_context("spawn")
+    for vocab in args.vocab:
+        results = {}
+        for impl in ("naive", "fused"):
+            with spawn.Pool(1) as pool:
+                results[impl] = pool.apply(measure_loss, (impl, tokens, hidden, vocab, args.zero_fraction,
+                                                          dtype, device, args.repeats))
+        (t_naive, m_naive), (t_fused, m_fused) = results["naive"], results["fused"]
+        print(f"| {vocab:,} | {t_naive:.1f} | {t_fused:.1f} | {t_fused / t_naive:.2f}x | {m_naive / 2**30:.2f} GiB "
+              f"| {m_fused / 2**30:.2f} GiB | {m_fused / m_naive:.2f}x |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    loss = modes.add_parser("loss", help="fused weighted loss vs naive cross-entropy")
+    loss.add_argument("--tokens", type=int, help="tokens per batch (default 16384 on GPU, 2048 on CPU)")
+    loss.add_argument("--hidden", type=int, help="hidden size (default 4096 on GPU, 1024 on CPU)")
+    loss.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="vocabulary sizes")
+    loss.add_argument("--dtype", choices=["bfloat16", "float32"], help="default bfloat16 on GPU, float32 on CPU")
+    loss.add_argument("--zero-fraction", type=float, default=0.3, help="share of tokens with weight 0")
+    loss.add_argument("--repeats", type=int, default=5, help="timed runs after the first")
+    args = parser.parse_args()
+    bench_loss(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""model.py against independent computations: a float64 naive loss, conversations run one by one, full
+forward passes, the saved files themselves, and transformers' Llama and Mistral as an oracle."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelConfig, Transformer, fused_weighted_cross_entropy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def randomize(model, seed=0, std=0.2):
+    """Weights large enough that a wrong detail (norm, rope, mask) shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            p.copy_(noise * std if p.dim() > 1 else 1 + 0.1 * noise)  # matrices, then RMSNorm gains
+    return model
+
+
+def tiny(dtype=torch.float32, seed=0, **overrides):
+    torch.manual_seed(seed)
+    name = "tiny-mistral" if overrides.get("sliding_window") else "tiny"
+    return randomize(Transformer(ModelConfig.from_name(name, **overrides)), seed).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused weighted loss
+
+
+def naive_weighted_ce(hidden, weight, targets, weights):
+    """Σ w·CE and Σ w·[argmax = target] from the full logits, in float64, by autograd."""
+    logits = hidden @ weight.T
+    ce = torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None]).squeeze(1)
+    return (weights * ce).sum(), (weights * (logits.argmax(1) == targets)).sum()
+
+
+def loss_case(name, dtype, H=16, V=103, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = {"mixed": 37, "single": 1, "all_zero": 20}[name]
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5 * 3
+    targets = torch.randint(0, V, (N,), generator=g)
+    weights = torch.rand(N, generator=g) + 0.05
+    if name == "mixed":  # C-RLFT's weights: expert 1.0, sub-optimal 0.1, others, and a third unsupervised
+        weights[::4], weights[1::4] = 1.0, 0.1
+        weights[torch.rand(N, generator=g) < 0.33] = 0
+    if name == "all_zero":
+        weights.zero_()
+    return hidden.to(dtype), weight.to(dtype), targets, weights
+
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mixed", "single", "all_zero"])
+def test_fused_loss_and_gradients_equal_a_float64_naive_computation(case, dtype):
+    hidden, weight, targets, weights = loss_case(case, dtype)
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    # 8 tokens a chunk: the ~25 supervised tokens of "mixed" leave a partial last chunk.
+    loss, correct = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)
+    (0.37 * loss).backward()  # the incoming gradient must scale both gradients
+
+    h64, W64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref_loss, ref_correct = naive_weighted_ce(h64, W64, targets, weights.double())
+    (0.37 * ref_loss).backward()
+
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert h.grad.dtype == dtype and W.grad.dtype == dtype
+    tol = TOLERANCE[dtype]
+    if case == "all_zero":
+        assert loss.item() == 0 and correct.item() == 0
+        assert not h.grad.any() and not W.grad.any()
+        return
+    assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
+    if dtype != torch.bfloat16:  # bf16 logits may flip a near-tie of the argmax
+        assert correct.item() == pytest.approx(ref_correct.item(), rel=1e-12)
+    assert relative_error(h.grad, h64.grad) <= tol
+    assert relative_error(W.grad, W64.grad) <= tol
+
+
+def test_fused_loss_never_reads_the_targets_of_unsupervised_tokens():
+    hidden, weight, targets, weights = loss_case("mixed", torch.float32)
+    garbage = targets.clone()
+    garbage[weights == 0] = -1  # gather would fail on it
+    assert torch.equal(torch.stack(fused_weighted_cross_entropy(hidden, weight, garbage, weights, 8)),
+                       torch.stack(fused_weighted_cross_entropy(hidden, weight, targets, weights, 8)))
+
+
+def test_fused_loss_without_gradients_gives_the_same_values():
+    hidden, weight, targets, weights = loss_case("mixed", torch.float32)
+    W = weight.clone().requires_grad_()
+    with torch.no_grad():
+        loss_ng, correct_ng = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
+    loss, correct = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
+    assert loss_ng.item() == loss.item() and correct_ng.item() == correct.item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_and_every_parameter_gradient_equal_the_naive_loss_on_its_logits(tie):
+    model = tiny(torch.float64, tie_embeddings=tie)
+    lengths = [7, 12, 5]
+    tokens, positions, cu = packed_batch(model.config.vocab_size, lengths)
+    targets = torch.roll(tokens, -1)
+    weights = torch.rand(len(tokens), dtype=torch.float64)
+    weights[torch.rand(len(tokens)) < 0.3] = 0
+    weights[cu[1:] - 1] = 0  # the last token of a conversation predicts nothing
+
+    loss, _ = model(tokens, positions, cu, targets=targets, weights=weights)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(tokens, positions, cu)
+    ref = (weights * F.cross_entropy(logits, targets, reduction="none")).sum()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for name, p in model.named_parameters():
+        assert relative_error(fused[name], p.grad) < 1e-10, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packed streams, padded batches and the KV cache
+
+
+def packed_batch(vocab_size, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (sum(lengths),), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    return tokens, positions, cu_seqlens
+
+
+CONFIGS = {"gqa": {}, "mha": dict(n_kv_heads=4), "window": dict(sliding_window=4)}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_packed_stream_equals_the_conversations_run_one_by_one(config):
+    model = tiny(**CONFIGS[config])
+    lengths = [5, 11, 1, 7]
+    tokens, positions, cu = packed_batch(model.config.vocab_size, lengths)
+    with torch.no_grad():
+        packed = model(tokens, positions, cu)
+        for s, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            alone = model(tokens[a:b][None])[0]
+            torch.testing.assert_close(packed[a:b], alone, rtol=0, atol=1e-5, msg=f"conversation {s}")
+
+
+def test_packed_attention_never_crosses_a_conversation():
+    model = tiny()
+    tokens, positions, cu = packed_batch(model.config.vocab_size, [6, 9])
+    changed = tokens.clone()
+    changed[:6] = (changed[:6] + 1) % model.config.vocab_size  # rewrite the whole first conversation
+    with torch.no_grad():
+        before, after = model(tokens, positions, cu), model(changed, positions, cu)
+    assert not torch.allclose(before[:6], after[:6])
+    torch.testing.assert_close(before[6:], after[6:], rtol=0, atol=1e-6)
+
+
+def test_sliding_window_sees_the_token_itself_and_window_minus_one_before_it():
+    model = tiny(sliding_window=4, n_layers=1)  # one layer: no path around the window through other tokens
+    tokens = torch.randint(0, model.config.vocab_size, (1, 12))
+    t = 10
+    with torch.no_grad():
+        base = model(tokens)[0, t]
+        for back, seen in ((3, True), (4, False)):
+            changed = tokens.clone()
+            changed[0, t - back] = (changed[0, t - back] + 1) % model.config.vocab_size
+            assert torch.allclose(model(changed)[0, t], base) != seen, f"token {back} back"
+
+
+def test_padded_batch_agrees_with_the_packed_stream():
+    model = tiny(sliding_window=4)
+    lengths = [9, 4, 6]
+    tokens, positions, cu = packed_batch(model.config.vocab_size, lengths)
+    padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)  # right padding
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        padded[i, : b - a] = tokens[a:b]
+    with torch.no_grad():
+        packed, batch = model(tokens, positions, cu), model(padded)
+    assert batch.shape == (3, 9, model.config.vocab_size)
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        torch.testing.assert_close(batch[i, : b - a], packed[a:b], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_kv_cache_decoding_equals_the_full_forward_step_by_step(config):
+    model = tiny(**CONFIGS[config])
+    prompt_lengths, steps = [3, 6], 9
+    sequences = torch.randint(0, model.config.vocab_size, (2, max(prompt_lengths) + steps))
+    with torch.no_grad():
+        full = model(sequences)  # [2, T, V] without a cache
+        model.setup_kv_cache(batch_size=2, max_seq_len=32)
+        # Prefill both prompts right-padded to the longer one; row 0's padding slots are overwritten later.
+        prefill = model(sequences[:, : max(prompt_lengths)])
+        for row, n in enumerate(prompt_lengths):
+            torch.testing.assert_close(prefill[row, :n], full[row, :n], rtol=0, atol=1e-5)
+        lengths = torch.tensor(prompt_lengths)
+        for _ in range(steps):  # one token per row at its own position
+            step = model(sequences[[0, 1], lengths][:, None], positions=lengths[:, None])
+            for row in range(2):
+                torch.testing.assert_close(step[row, 0], full[row, lengths[row]], rtol=0, atol=1e-5)
+            lengths += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def assert_same_parameters(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert pa[name].dtype == pb[name].dtype and torch.equal(pa[name], pb[name]), name
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("max_shard_bytes", [5_000_000_000, 40_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_pretrained_then_from_pretrained_is_exact(tmp_path, tie, max_shard_bytes, dtype):
+    model = tiny(dtype, tie_embeddings=tie, sliding_window=8)
+    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    assert loaded.config == model.config
+    assert_same_parameters(model, loaded)
+    assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
+
+    files = sorted(p.name for p in tmp_path.iterdir())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["MistralForCausalLM"] and config["tie_word_embeddings"] == tie
+    if max_shard_bytes > 1e6:
+        assert files == ["config.json", "model.safetensors"]
+        return
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and files == sorted(shards + ["config.json", "model.safetensors.index.json"])
+    stored = {}
+    for shard in shards:
+        tensors = load_file(tmp_path / shard)
+        assert all(index["weight_map"][n] == shard for n in tensors)
+        # a shard only exceeds the limit when it holds a single tensor larger than the limit
+        assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000
+        stored.update(tensors)
+    assert stored.keys() == index["weight_map"].keys()
+    assert ("lm_head.weight" in stored) != tie  # a tied head is not stored, as transformers does
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def test_a_new_save_removes_the_shards_of_an_earlier_one(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path, max_shard_bytes=40_000)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert_same_parameters(model, Transformer.from_pretrained(tmp_path))
+
+
+def test_from_pretrained_names_the_problem(tmp_path):
+    model = tiny()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        Transformer.from_pretrained(tmp_path)
+
+    model.save_pretrained(tmp_path, max_shard_bytes=40_000)
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj"
+                                         r"\.weight has shape \(\d+, \d+\), config.json implies"):
+        Transformer.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.norm.weight"]
+    tensors = load_file(tmp_path / shard)
+    save_file({n: t for n, t in tensors.items() if n != "model.norm.weight"}, tmp_path / shard)
+    with pytest.raises(ValueError, match=r"lacks 1 tensors, e\.g\. \['norm\.weight'\]"):
+        Transformer.from_pretrained(tmp_path)
+
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=f"lists {shard}, which is missing"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_extend_vocab_starts_new_rows_at_the_mean_of_the_existing_rows():
+    for tie in (False, True):
+        model = tiny(tie_embeddings=tie)
+        old = {n: p.detach().clone() for n, p in model.named_parameters()}
+        V = model.config.vocab_size
+        model.extend_vocab(V + 2)  # <|end_of_turn|> and <|pad_0|>
+        assert model.config.vocab_size == V + 2
+        for name in ("embed_tokens.weight", "lm_head.weight"):
+            w = model.get_parameter(name)
+            ref = old.get(name, old["embed_tokens.weight"])
+            assert w.shape == (V + 2, model.config.dim)
+            assert torch.equal(w[:V], ref)
+            torch.testing.assert_close(w[V:], ref.double().mean(0).float().expand(2, -1), rtol=0, atol=1e-7)
+        assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+        with torch.no_grad():
+            assert model(torch.tensor([[1, V, V + 1]])).shape == (1, 3, V + 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers as the oracle: both load one Hugging Face folder with the same random weights
+
+HF_CASES = {
+    "llama-multi-head": dict(num_key_value_heads=4),
+    "llama-grouped-query": dict(num_key_value_heads=2),
+    "llama-tied-embeddings": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "llama3-rope-scaling": dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "mistral-sliding-window": dict(num_key_value_heads=2, sliding_window=5, rope_theta=20000.0),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_logits_match_transformers_in_both_directions(tmp_path, case):
+    import transformers
+
+    kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, **HF_CASES[case])
+    if "sliding_window" in kwargs:
+        hf_config, hf_class = transformers.MistralConfig(**kwargs), transformers.MistralForCausalLM
+    else:
+        hf_config, hf_class = transformers.LlamaConfig(**kwargs), transformers.LlamaForCausalLM
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = randomize(hf_class(hf_config)).eval()
+    tokens = torch.randint(0, 300, (2, 24))  # longer than the window and than original_max_position_embeddings
+    with torch.no_grad():
+        expected = hf(tokens).logits
+
+    hf.save_pretrained(tmp_path / "from_hf", max_shard_size=60_000)  # sharded, with an index
+    assert (tmp_path / "from_hf" / "model.safetensors.index.json").exists()
+    ours = Transformer.from_pretrained(tmp_path / "from_hf")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=1e-4)
+
+    ours.save_pretrained(tmp_path / "from_us")
+    reloaded = hf_class.from_pretrained(tmp_path / "from_us", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2: the output weight as a sharded parameter, in real processes
+
+
+def test_fused_loss_reads_the_fsdp2_sharded_output_weight_in_two_processes():
+    worker = ROOT / "tests" / "fsdp_loss_worker.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("fsdp2 gradients match") == 2 * 3  # both ranks, three cases
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU paths: flash varlen attention and bf16 matmuls (skipped without CUDA)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("config", CONFIGS)
+def test_flash_varlen_stream_equals_conversations_one_by_one_on_cuda(config):
+    model = tiny(torch.bfloat16, **CONFIGS[config]).cuda()
+    lengths = [50, 130, 1, 77]
+    tokens, positions, cu = (t.cuda() for t in packed_batch(model.config.vocab_size, lengths))
+    with torch.no_grad():
+        packed = model(tokens, positions, cu).float()  # flash varlen
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            alone = model(tokens[a:b][None])[0].float()  # SDPA with a mask
+            assert relative_error(packed[a:b], alone.double()) < 2e-2
+
+
+@cuda
+def test_fused_loss_in_bf16_on_cuda_equals_a_float64_naive_computation():
+    hidden, weight, targets, weights = (t.cuda() for t in loss_case("mixed", torch.bfloat16, H=256, V=5000))
+    h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, _ = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)
+    loss.backward()
+    h64, W64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref, _ = naive_weighted_ce(h64, W64, targets, weights.double())
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    assert relative_error(h.grad, h64.grad) < 2e-2 and relative_error(W.grad, W64.grad) < 2e-2
