@@ -3,9 +3,10 @@
 Read top to bottom:
   1. ModelConfig and its named presets.
   2. The blocks: RMSNorm, RoPE, attention (packed stream, padded batch, KV cache), SwiGLU MLP.
-  3. Transformer: one forward for the three uses (training on packed streams, a padded batch, decoding).
+  3. Transformer: one forward for the three uses (training on packed streams, a padded batch, decoding),
+     Hugging Face checkpoint I/O (safetensors only) and adding special tokens to the vocabulary.
   4. The fused weighted cross-entropy: Σ w·CE without ever materialising the [N, V] logits.
-  5. Hugging Face checkpoint I/O (safetensors only) and adding special tokens to the vocabulary.
+  5. Hugging Face config.json and safetensors files.
 
 Parameter names are those of Hugging Face's LlamaForCausalLM without the "model." prefix, so loading a
 checkpoint is a copy by name. This file runs on one device; parallelism belongs to train.py.
@@ -61,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.architecture not in HF_MODEL_TYPES:
             raise ValueError(f"architecture {self.architecture!r} is not one of {sorted(HF_MODEL_TYPES)}")
+        if self.sliding_window is not None and self.architecture != "MistralForCausalLM":
+            raise ValueError("a sliding window needs architecture MistralForCausalLM (Llama has none)")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
@@ -316,19 +319,19 @@ class Transformer(nn.Module):
             k_pos = positions if cache is None else torch.arange(cache.k.shape[1], device=positions.device)[None]
             return AttentionInputs(cos, sin, positions, attention_mask(positions, k_pos, window))
         if cache is not None:
-            raise ValueError("packed streams are for training: drop the KV cache first")
+            raise ValueError("a packed stream cannot run on a model with a KV cache (setup_kv_cache)")
         if positions.is_cuda and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync: pass it if you can
             return AttentionInputs(cos, sin, positions, None, cu_seqlens, max_seqlen)
-        # Fallback (CPU, float32): one dense mask, causal by position and never across conversations.
+        # Elsewhere (CPU, float32): one dense mask, causal by position and never across conversations.
         idx = torch.arange(positions.shape[1], device=positions.device)
         conversation = torch.searchsorted(cu_seqlens[1:], idx, right=True)  # [N] which conversation
         same = conversation[:, None] == conversation[None, :]
         return AttentionInputs(cos, sin, positions, attention_mask(positions, positions, window) & same)
 
     # -----------------------------------------------------------------------------------------------------
-    # 5. Checkpoints in the Hugging Face format (safetensors only) and special tokens
+    # Checkpoints in the Hugging Face format (safetensors only) and special tokens
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
@@ -422,12 +425,14 @@ def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
 # ---------------------------------------------------------------------------------------------------------
 # 4. The fused weighted loss (SPEC §2: the numerator Σ_t w_t·CE_t; train.py divides by the global Σ w)
 
-# Supervised tokens per chunk. Each chunk holds its [C, V] logits in float32 plus a bf16 copy of the
-# gradient of the logits (6·C·V bytes) while the weight gradient is accumulated in a float32 [V, H]
-# buffer, read and written once per chunk. Larger chunks amortise that traffic over more matmul work;
-# smaller ones use less memory. At 1024 tokens the chunk costs 196 MB at V = 32,000 (787 MB at 128,256),
-# which keeps the loss under a fifth of the naive memory (bench.py loss), and the [1024, H] × [H, V]
-# matmuls are large enough to run at full speed on a GPU.
+# Supervised tokens per chunk: the trade-off between memory and speed. A chunk of C tokens holds its
+# logits in float32, turned in place into the gradient of the logits, and, for bf16 inputs, a bf16 copy
+# for the matmuls: 6·C·V bytes, 197 MB at C = 1024 and V = 32,000 (788 MB at V = 128,256). For a bf16
+# weight, each chunk also adds its bf16 [V, H] weight-gradient product into a float32 [V, H] accumulator:
+# that read and write of 12·V·H bytes per chunk is amortised over the chunk's 6·C·V·H matmul FLOPs, so
+# smaller chunks spend relatively more time moving the accumulator. At C = 1024 the matmuls are
+# [1024, H] × [H, V], large enough for full tensor-core speed, and the accumulator traffic stays well
+# below the matmul time on an H100 (by arithmetic, not yet measured there: see bench.py loss).
 CHUNK_TOKENS = 1024
 
 
@@ -440,7 +445,7 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, weights, need_grad, chunk_tokens):
         # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
-        kept = weights.nonzero().squeeze(1)  # the supervised tokens; the others cost nothing
+        kept = weights.nonzero().squeeze(1)  # the supervised tokens; the others cost nothing (a host sync)
         loss = torch.zeros((), dtype=cdt, device=hidden.device)
         correct = torch.zeros((), dtype=cdt, device=hidden.device)
         if need_grad:
@@ -463,7 +468,7 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
             g[torch.arange(len(idx), device=g.device), y] -= w
             g = g.to(hidden.dtype)
             grad_hidden[idx] = g @ weight  # [C, H]
-            if grad_weight.dtype == hidden.dtype:
+            if weight.dtype == cdt:
                 grad_weight.addmm_(g.T, h)
             else:  # no matmul here writes float32 from bf16 inputs: add the bf16 product into float32
                 grad_weight += g.T @ h
@@ -476,8 +481,9 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: the saved gradients are used once (a second backward is refused by autograd).
-        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)),
-                None, None, None, None)
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=CHUNK_TOKENS):
@@ -491,7 +497,7 @@ def fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hugging Face config.json and safetensors files
+# 5. Hugging Face config.json and safetensors files
 
 
 def config_from_hf(hf: dict, source) -> ModelConfig:
@@ -534,8 +540,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
     if cfg.architecture == "MistralForCausalLM":
         hf["sliding_window"] = cfg.sliding_window
-    elif cfg.sliding_window is not None:
-        raise ValueError("a sliding window needs architecture MistralForCausalLM (Llama has none)")
     return hf
 
 
