@@ -1,0 +1,793 @@
+"""Mixed-quality conversations → conditioned, weighted token arrays: the data half of C-RLFT.
+
+  python data.py prepare --source="GPT4:1.0:gpt4.json" --source="GPT3:0.1:gpt35.jsonl" \
+                         --tokenizer=tokenizer.model --out=data/mine
+  python data.py tokenizer --corpus=conversations.json --vocab-size=4096 --out=tokenizer.model
+  python data.py demo         # the synthetic mixed-quality demo, through the same pipeline
+
+Read top to bottom:
+  1. The template (SPEC §3): which tokens a conversation becomes and which of them carry weight.
+  2. Sources and their files: ShareGPT and OpenChat JSONL records, checked, bad input named by file and line.
+  3. prepare: every conversation tokenised, weighted, shifted, and written as memory-mapped arrays.
+  4. Multipack (SPEC §5): conversations into equal numbers of packed streams per rank, at train time.
+  5. Training a SentencePiece tokenizer, and the demo data.
+Each source is a condition string and a class weight: the condition goes into every role prefix (the
+policy is conditioned on the data's source, πθ(y | x, c)) and the weight scales the loss of its
+assistant tokens (the reward-weighted likelihood of SPEC §1).
+"""
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from cli import arg, parse
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The conversation template (SPEC §3)
+
+EOT = "<|end_of_turn|>"
+
+
+@dataclass(frozen=True)
+class Template:
+    """OpenChat's templates: BOS, [system + EOT], then per turn "{condition} User:" or "{condition}
+    Assistant:", the message text and EOT. The two families differ in their special tokens and in the
+    condition used at inference."""
+    special_tokens: tuple[str, ...]
+    inference_condition: str
+
+
+TEMPLATES = {
+    "openchat_v3.2": Template((EOT,), "GPT4"),  # the paper's model (Llama-2-13B): GPT4 / GPT3 conditions
+    "openchat_3.5": Template((EOT, "<|pad_0|>"), "GPT4 Correct"),  # Mistral-7B
+}
+ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+
+
+def role_prefix(role: str, condition: str) -> str:
+    """"{condition} User:" or "{condition} Assistant:"; with no condition, "User:" (the ablations' "no
+    condition" variant)."""
+    return f"{condition} {ROLE_NAMES[role]}:" if condition else f"{ROLE_NAMES[role]}:"
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    text: str
+    weight: float | None = None  # a message's own weight (OpenChat JSONL) wins over its class weight
+
+
+class Tokenizer:
+    """A SentencePiece model with the template's special tokens appended after its vocabulary. Message
+    text goes through SentencePiece alone, so a special token typed in a message stays ordinary text."""
+
+    def __init__(self, path, template: str):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; templates: {', '.join(TEMPLATES)}")
+        self.path, self.template_name, self.template = Path(path), template, TEMPLATES[template]
+        if not self.path.exists():
+            raise FileNotFoundError(f"tokenizer {self.path} is missing")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.base_vocab_size = self.sp.get_piece_size()
+        for token in self.template.special_tokens:
+            if self.sp.piece_to_id(token) != self.sp.unk_id():
+                raise ValueError(f"{self.path} already has a piece {token}: SentencePiece would then find it "
+                                 f"inside message text; use a model without it")
+        self.special_ids = {t: self.base_vocab_size + i for i, t in enumerate(self.template.special_tokens)}
+        self.vocab_size = self.base_vocab_size + len(self.special_ids)
+        self.bos_id, self.eot_id = self.sp.bos_id(), self.special_ids[EOT]
+        if self.bos_id < 0:
+            raise ValueError(f"{self.path} has no BOS token")
+
+    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=threads)
+
+    @lru_cache(maxsize=None)
+    def prefix_ids(self, role: str, condition: str) -> list[int]:
+        return self.sp.encode(role_prefix(role, condition))
+
+    def decode(self, ids) -> str:
+        names = {i: t for t, i in self.special_ids.items()}
+        pieces, run = [], []
+        for i in ids:
+            if i in names:
+                pieces += [self.sp.decode(run), names[i]]
+                run = []
+            else:
+                run.append(int(i))
+        return "".join(pieces + [self.sp.decode(run)])
+
+
+def message_weight(message: Message, class_weight: float) -> float:
+    if message.weight is not None:
+        return message.weight
+    return class_weight if message.role == "assistant" else 0.0  # only answers are learned by default
+
+
+def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], condition: str, system: str | None = None,
+                          class_weight: float = 1.0, inference: bool = False, per_message_norm: bool = False,
+                          encoded: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
+    """One conversation → (token ids, per-token weights), weights before the shift (SPEC §3).
+
+    BOS and the system prompt and every role prefix weigh 0; a message's text and its EOT weigh the
+    message's own weight if it has one, else the class weight for an answer and 0 for a user turn. With
+    per_message_norm, a message's weight is spread over its tokens (w / n_tokens). With inference=True
+    the ids end with the assistant prefix, ready for the model to answer (weights are then irrelevant).
+    `encoded`: the SentencePiece ids of [system] + message texts, when the caller encoded them in bulk."""
+    texts = ([system] if system else []) + [m.text for m in messages]
+    encoded = tokenizer.encode(texts) if encoded is None else encoded
+    ids, weights = [tokenizer.bos_id], [0.0]
+    if system:
+        ids += encoded[0] + [tokenizer.eot_id]
+        weights += [0.0] * (len(encoded[0]) + 1)
+    for message, text_ids in zip(messages, encoded[1:] if system else encoded):
+        prefix = tokenizer.prefix_ids(message.role, condition)
+        w = message_weight(message, class_weight)
+        if per_message_norm and w:
+            w /= len(text_ids) + 1
+        ids += prefix + text_ids + [tokenizer.eot_id]
+        weights += [0.0] * len(prefix) + [w] * (len(text_ids) + 1)
+    if inference:
+        prefix = tokenizer.prefix_ids("assistant", condition)
+        ids, weights = ids + prefix, weights + [0.0] * len(prefix)
+    return ids, weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Sources, files and records (SPEC §4)
+
+
+class BadInput(ValueError):
+    """A record we cannot use. str() names the file, line and problem; `reason` is the key --skip-bad
+    counts it under."""
+
+    def __init__(self, reason: str, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class Source:
+    condition: str
+    weight: float
+    files: list[Path]
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    condition: str
+    system: str | None
+    source: int  # the class: index of its source
+    where: str  # file and line, for messages about it
+
+
+def parse_source_flag(text: str) -> Source:
+    """CONDITION:WEIGHT:FILE[,FILE...], as given to --source."""
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not parts[2]:
+        raise ValueError(f"--source={text!r}: expected CONDITION:WEIGHT:FILE[,FILE...]")
+    return Source(parts[0], parse_weight(parts[1], f"--source={text!r}"), [Path(f) for f in parts[2].split(",")])
+
+
+def read_source_spec(path: Path) -> list[Source]:
+    """A JSON list of {"condition", "weight", "files"}; relative file names are relative to the spec."""
+    try:
+        spec = json.loads(path.read_text())
+        return [Source(s["condition"], parse_weight(s["weight"], f"{path}: source {i}"),
+                       [path.parent / f for f in s["files"]]) for i, s in enumerate(spec)]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected a JSON list of {{condition, weight, files}} ({e})") from None
+
+
+def parse_weight(value, where: str) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: weight {value!r} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{where}: weight {value!r} must be a finite number >= 0")
+    return weight
+
+
+def read_records(path: Path):
+    """Yields (record, where) for each record of a JSON array or a JSONL file, or (BadInput, where) for
+    one that cannot be parsed. Invalid UTF-8 is kept as lone surrogates and refused per message."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if text.lstrip().startswith("["):
+        yield from read_json_array(text, path)
+        return
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield json.loads(line), f"{path}:{n}"
+            except json.JSONDecodeError as e:
+                yield BadInput("malformed_json", f"{path}:{n}", f"malformed JSON: {e.msg} (column {e.colno})"), ""
+
+
+def read_json_array(text: str, path: Path):
+    """Record by record (json.JSONDecoder.raw_decode), so a file cut off mid-record still yields what
+    precedes the cut (the real ShareGPT file is such a file)."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos = ws.match(text, text.index("[") + 1).end()
+    line, counted, index = 1, 0, 0
+    while not text.startswith("]", pos):
+        line, counted = line + text.count("\n", counted, pos), pos
+        where = f"{path}:{line} (record {index})"
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield BadInput("malformed_json", where, f"malformed JSON: {e.msg}; the rest of the file is unreadable"), ""
+            return
+        yield record, where
+        index += 1
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            yield BadInput("malformed_json", where, "malformed JSON: expected ',' or ']' after the record"), ""
+            return
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+
+
+def get_field(obj, key: str, kind, where: str, what: str, required=True):
+    if key not in obj:
+        if required:
+            raise BadInput("missing_field", where, f"{what} has no {key!r}")
+        return None
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BadInput("wrong_type", where, f"{what}: {key!r} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def checked_text(text: str, where: str, what: str) -> str:
+    if not text.strip():
+        raise BadInput("empty_message", where, f"{what} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput("invalid_utf8", where, f"{what} is not valid UTF-8 (at character {e.start})") from None
+    return text
+
+
+def parse_record(record, source: Source, class_id: int, where: str) -> Conversation:
+    """A ShareGPT record ({"conversations": [{"from", "value"}]}) or an OpenChat one ({"items": [{"role",
+    "content", "weight"?}], "condition"?, "system"?}) as a Conversation."""
+    if not isinstance(record, dict):
+        raise BadInput("wrong_type", where, f"a record must be a JSON object, not {type(record).__name__}")
+    if "items" in record:
+        items = get_field(record, "items", list, where, "the record")
+        condition = get_field(record, "condition", str, where, "the record", required=False)
+        system = get_field(record, "system", str, where, "the record", required=False) or None
+        messages = []
+        for i, item in enumerate(items):
+            what = f"item {i}"
+            if not isinstance(item, dict):
+                raise BadInput("wrong_type", where, f"{what} is not an object")
+            role = get_field(item, "role", str, where, what)
+            if role not in ROLE_NAMES:
+                raise BadInput("unknown_role", where, f"{what}: unknown role {role!r} (user, assistant)")
+            weight = get_field(item, "weight", (int, float), where, what, required=False)
+            if weight is not None and not (math.isfinite(weight) and weight >= 0):
+                raise BadInput("bad_weight", where, f"{what}: weight {weight} must be finite and >= 0")
+            text = checked_text(get_field(item, "content", str, where, what), where, what)
+            messages.append(Message(role, text, None if weight is None else float(weight)))
+    elif "conversations" in record:
+        turns = get_field(record, "conversations", list, where, "the record")
+        condition, system, messages = None, None, []
+        for i, turn in enumerate(turns):
+            what = f"message {i}"
+            if not isinstance(turn, dict):
+                raise BadInput("wrong_type", where, f"{what} is not an object")
+            role = SHAREGPT_ROLES.get(get_field(turn, "from", str, where, what))
+            if role is None:
+                raise BadInput("unknown_role", where, f"{what}: unknown role {turn['from']!r} "
+                                                      f"(one of {', '.join(SHAREGPT_ROLES)})")
+            text = checked_text(get_field(turn, "value", str, where, what), where, what)
+            if role == "system":
+                if i != 0:
+                    raise BadInput("unknown_role", where, f"{what}: a system message must come first")
+                system = text
+            else:
+                messages.append(Message(role, text))
+    else:
+        raise BadInput("missing_field", where, "the record has neither 'conversations' (ShareGPT) nor 'items' "
+                                               "(OpenChat)")
+    if not messages:
+        raise BadInput("empty_conversation", where, "the conversation has no messages")
+    return Conversation(messages, source.condition if condition is None else condition, system, class_id, where)
+
+
+def read_conversations(sources: list[Source], skip_bad: bool, counts: Counter) -> list[Conversation]:
+    """Every conversation of every source. Bad input raises, or with skip_bad is counted by reason.
+    Leading assistant turns are removed: ShareGPT splits long conversations, and a part that starts
+    with an answer has lost its question (FastChat's training code skips them the same way)."""
+    conversations = []
+    for class_id, source in enumerate(sources):
+        for path in source.files:
+            for record, where in read_records(path):
+                try:
+                    if isinstance(record, BadInput):
+                        raise record
+                    conversation = parse_record(record, source, class_id, where)
+                except BadInput as bad:
+                    if not skip_bad:
+                        raise
+                    counts[bad.reason] += 1
+                    continue
+                leading = next((i for i, m in enumerate(conversation.messages) if m.role == "user"),
+                               len(conversation.messages))
+                if leading:
+                    counts["leading_assistant_turns_removed"] += 1
+                    conversation.messages = conversation.messages[leading:]
+                conversations.append(conversation)
+    return conversations
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. prepare: files → tokenized dataset directory
+
+
+@dataclass
+class PrepareConfig:
+    source: list[str] = arg([], "a source as CONDITION:WEIGHT:FILE[,FILE...] (repeat for each source)")
+    sources: str = arg("", "or a JSON spec file: [{\"condition\", \"weight\", \"files\"}]")
+    tokenizer: str = arg("", "SentencePiece .model file")
+    template: str = arg("openchat_3.5", f"conversation template: {', '.join(TEMPLATES)}")
+    out: str = arg("", "output directory (replaced if it holds a dataset)")
+    max_len: int = arg(4096, "context length: the longest conversation in tokens")
+    truncate: bool = arg(False, "cut longer conversations to max_len instead of treating them as bad input")
+    skip_bad: bool = arg(False, "skip bad records and count them by reason, instead of stopping at the first")
+    holdout: float = arg(0.0, "fraction of conversations held out for evaluation")
+    seed: int = arg(0, "seed of the held-out split")
+    zero_refusals: bool = arg(False, "weight 0 for answers with refusal boilerplate ('As an AI language model')")
+    per_message_norm: bool = arg(False, "spread each message's weight over its tokens (w / n_tokens)")
+    threads: int = arg(os.cpu_count() or 1, "tokenizer threads")
+
+
+# Refusal boilerplate that the reference data cleaning removed from answers (SPEC §3).
+REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|i'm sorry, but as an ai|"
+                     r"i am sorry, but as an ai|i cannot fulfill|i'm unable to assist", re.IGNORECASE)
+SPLITS = ("train", "holdout")
+ARRAYS = ("tokens", "weights", "offsets", "lengths", "classes")
+
+
+class Progress:
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.tokens = what, total, 0, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int, tokens: int, final=False):
+        self.done, self.tokens = self.done + n, self.tokens + tokens
+        now = time.perf_counter()
+        if now - self.last >= 2 or final:
+            self.last, elapsed = now, max(now - self.start, 1e-9)
+            rate = self.done / elapsed
+            print(f"{self.what}: {self.done:,}/{self.total:,} conversations, {rate:,.0f} conv/s, "
+                  f"{self.tokens / elapsed / 1e6:.2f}M tokens/s, "
+                  + (f"done in {elapsed:.1f}s" if final else f"ETA {(self.total - self.done) / rate:.0f}s"),
+                  file=sys.stderr, flush=True)
+
+
+def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: Counter):
+    """→ list of (token ids int32, target weights float32, class id), dropping conversations with no
+    supervised token. Message texts are encoded in bulk (SentencePiece's threads), a batch at a time."""
+    rows, progress = [], Progress("tokenizing", len(conversations))
+    for start in range(0, len(conversations), 2000):
+        batch = conversations[start:start + 2000]
+        encoded = tokenizer.encode([t for c in batch for t in ([c.system] if c.system else []) +
+                                    [m.text for m in c.messages]], threads=cfg.threads)
+        n_tokens, i = 0, 0
+        for c in batch:
+            n_texts = len(c.messages) + bool(c.system)
+            if cfg.zero_refusals:
+                for m in c.messages:
+                    if m.role == "assistant" and REFUSAL.search(m.text):
+                        m.weight = 0.0
+                        counts["refusals_zeroed"] += 1
+            ids, weights = tokenize_conversation(tokenizer, c.messages, c.condition, c.system,
+                                                 sources[c.source].weight, per_message_norm=cfg.per_message_norm,
+                                                 encoded=encoded[i:i + n_texts])
+            i += n_texts
+            n_tokens += len(ids)
+            if len(ids) > cfg.max_len:
+                if not cfg.truncate:
+                    bad = BadInput("too_long", c.where, f"{len(ids)} tokens, longer than max_len={cfg.max_len} "
+                                                        f"(--truncate cuts it, --skip-bad skips it)")
+                    if not cfg.skip_bad:
+                        raise bad
+                    counts[bad.reason] += 1
+                    continue
+                ids, weights = ids[:cfg.max_len], weights[:cfg.max_len]
+                counts["truncated"] += 1
+            # The shift: position t predicts token t+1 and carries that token's weight.
+            targets = np.array(weights[1:] + [0.0], dtype=np.float32)
+            if not targets.any():
+                counts["no_supervised_token"] += 1
+                continue
+            rows.append((np.array(ids, dtype=np.int32), targets, c.source))
+        progress.update(len(batch), n_tokens, final=start + 2000 >= len(conversations))
+    return rows
+
+
+def split_stats(rows, n_classes) -> dict:
+    per_class = [{"conversations": 0, "tokens": 0, "supervised_tokens": 0, "weight_sum": 0.0}
+                 for _ in range(n_classes)]
+    for ids, targets, c in rows:
+        s = per_class[c]
+        s["conversations"] += 1
+        s["tokens"] += len(ids)
+        s["supervised_tokens"] += int(np.count_nonzero(targets))
+        s["weight_sum"] += float(targets.sum(dtype=np.float64))
+    total = {k: sum(s[k] for s in per_class) for k in per_class[0]}
+    return {**total, "per_class": per_class}
+
+
+def write_split(directory: Path, rows):
+    directory.mkdir(parents=True)
+    lengths = np.array([len(ids) for ids, _, _ in rows], dtype=np.int32)
+    arrays = {
+        "tokens": np.concatenate([ids for ids, _, _ in rows]) if rows else np.zeros(0, np.int32),
+        "weights": np.concatenate([t for _, t, _ in rows]) if rows else np.zeros(0, np.float32),
+        "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64),
+        "lengths": lengths,
+        "classes": np.array([c for _, _, c in rows], dtype=np.int32),
+    }
+    for name, array in arrays.items():
+        np.save(directory / f"{name}.npy", array)
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Reads, tokenizes and writes a dataset directory: meta.json plus train/ (and holdout/) arrays.
+    Written under a temporary name and renamed when complete; returns meta."""
+    if not cfg.out or not cfg.tokenizer or not (cfg.source or cfg.sources):
+        raise ValueError("prepare needs --out, --tokenizer and --source (or --sources)")
+    out = Path(cfg.out)
+    if out.exists() and not (out / "meta.json").exists():
+        raise FileExistsError(f"{out} exists and is not a dataset directory: refusing to replace it")
+    start = time.perf_counter()
+    sources = [parse_source_flag(s) for s in cfg.source]
+    sources += read_source_spec(Path(cfg.sources)) if cfg.sources else []
+    tokenizer = Tokenizer(cfg.tokenizer, cfg.template)
+    counts = Counter()
+    conversations = read_conversations(sources, cfg.skip_bad, counts)
+    rows = tokenize_all(conversations, sources, tokenizer, cfg, counts)
+
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    n_holdout = round(cfg.holdout * len(rows))
+    splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
+              "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
+    bad_reasons = ("malformed_json", "missing_field", "wrong_type", "unknown_role", "empty_conversation",
+                   "empty_message", "invalid_utf8", "bad_weight", "too_long")
+    meta = {
+        "format": 1,
+        "tokenizer": {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
+                      "base_vocab_size": tokenizer.base_vocab_size, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "special_tokens": tokenizer.special_ids},
+        "template": cfg.template,
+        "inference_condition": tokenizer.template.inference_condition,
+        "conditions": sorted({c.condition for c in conversations}),
+        "sources": [{"condition": s.condition, "weight": s.weight, "files": [str(f) for f in s.files]}
+                    for s in sources],
+        "max_len": cfg.max_len,
+        "options": {k: getattr(cfg, k) for k in ("truncate", "skip_bad", "holdout", "seed", "zero_refusals",
+                                                 "per_message_norm")},
+        "read": {"records": len(conversations) + sum(counts[r] for r in bad_reasons)},
+        "skipped_bad_input": {r: counts[r] for r in bad_reasons if counts[r]},
+        "dropped": {"no_supervised_token": counts["no_supervised_token"]},
+        "modified": {k: counts[k] for k in ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")},
+        "splits": {name: split_stats(split, len(sources)) for name, split in splits.items()},
+    }
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, split in splits.items():
+        write_split(tmp / name, split)
+    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # the dataset carries its tokenizer
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    replace_directory(tmp, out)
+    print_summary(meta, time.perf_counter() - start)
+    return meta
+
+
+def replace_directory(new: Path, target: Path):
+    """new takes target's place; an old target is moved aside first and removed after."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def print_summary(meta: dict, seconds: float):
+    print(f"\n| split | class | condition | weight | conversations | tokens | supervised tokens |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for name, split in meta["splits"].items():
+        if not split["conversations"]:
+            continue
+        for c, (s, src) in enumerate(zip(split["per_class"], meta["sources"])):
+            print(f"| {name} | {c} | {src['condition']} | {src['weight']} | {s['conversations']:,} | "
+                  f"{s['tokens']:,} | {s['supervised_tokens']:,} |")
+    print(f"\nread {meta['read']['records']:,} records in {seconds:.1f}s; skipped as bad input: "
+          f"{meta['skipped_bad_input'] or 'none'}; dropped: {meta['dropped']}; modified: {meta['modified']}")
+
+
+@dataclass
+class Split:
+    """One split of a dataset directory, memory-mapped: conversation i is tokens[offsets[i]:][:lengths[i]],
+    with target weights alongside (weights[t] is the weight of predicting tokens[t + 1])."""
+    tokens: np.ndarray
+    weights: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    classes: np.ndarray
+
+
+def load_meta(path) -> dict:
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: is {path} a dataset made by `python data.py prepare`?")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != 1:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not the format 1 this code reads")
+    return meta
+
+
+def load_split(path, split: str = "train") -> Split:
+    load_meta(path)
+    arrays = {}
+    for name in ARRAYS:
+        file = Path(path) / split / f"{name}.npy"
+        if not file.exists():
+            raise FileNotFoundError(f"{file} is missing: the dataset directory is incomplete")
+        arrays[name] = np.load(file, mmap_mode="r")
+    return Split(**arrays)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Multipack (SPEC §5): conversations → per-rank packed streams
+
+
+def fits(lengths, capacity: int, n_bins: int) -> bool:
+    """First-fit decreasing: do these conversations fit into n_bins bins of capacity tokens?"""
+    free = np.full(n_bins, capacity)
+    for length in sorted(lengths, reverse=True):
+        room = np.flatnonzero(free >= length)
+        if not len(room):
+            return False
+        free[room[0]] -= length
+    return True
+
+
+def first_fit_decreasing(indices, lengths, capacity: int, n_bins: int) -> list[list[int]]:
+    bins, free = [[] for _ in range(n_bins)], np.full(n_bins, capacity)
+    for i in sorted(indices, key=lambda i: -lengths[i]):
+        b = np.flatnonzero(free >= lengths[i])[0]
+        bins[b].append(int(i))
+        free[b] -= lengths[i]
+    return bins
+
+
+def multipack(lengths, batch_max_len: int, world_size: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """The steps of one epoch: steps[s][r] is the list of conversations rank r packs at step s.
+
+    Shuffle (seed, epoch); then, step after step, take the longest prefix of the remaining conversations
+    that first-fit decreasing packs into world_size bins of batch_max_len tokens (a binary search over the
+    prefix length), one bin per rank. Every rank gets the same number of steps; the conversations left at
+    the end that cannot fill every rank's bin wait for the next epoch's shuffle."""
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > batch_max_len:
+        i = int(lengths.argmax())
+        raise ValueError(f"conversation {i} has {lengths[i]} tokens, more than batch_max_len={batch_max_len}")
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    cumulative = np.cumsum(lengths[order])
+    steps, start, consumed = [], 0, 0
+    while start < len(order):
+        # No prefix longer than what world_size full bins could hold can fit.
+        hi = int(np.searchsorted(cumulative, consumed + batch_max_len * world_size, side="right")) - start + 1
+        lo = 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(lengths[order[start:start + mid]], batch_max_len, world_size):
+                lo = mid
+            else:
+                hi = mid
+        bins = first_fit_decreasing(order[start:start + lo], lengths, batch_max_len, world_size)
+        if any(not b for b in bins):  # not enough left to give every rank a stream
+            break
+        steps.append(bins)
+        start += lo
+        consumed = int(cumulative[start - 1])
+    return steps
+
+
+def packing_efficiency(lengths, steps, batch_max_len: int) -> float:
+    """Tokens packed / tokens of capacity over all the bins of all the steps."""
+    packed = sum(int(np.sum(np.asarray(lengths)[b])) for step in steps for b in step)
+    return packed / max(1, sum(len(step) for step in steps) * batch_max_len)
+
+
+def pack_stream(split: Split, conversations: list[int]) -> dict:
+    """One rank's stream for one step: the conversations concatenated with no padding, positions
+    restarting at 0 in each, cu_seqlens at the boundaries, targets = the next token of the same
+    conversation (the last token of each predicts nothing and weighs 0)."""
+    starts, lengths = split.offsets[conversations], split.lengths[conversations]
+    index = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
+    tokens = np.asarray(split.tokens[index], dtype=np.int64)
+    targets = np.roll(tokens, -1)
+    ends = np.cumsum(lengths) - 1
+    targets[ends] = 0  # weight 0 there: never read by the loss
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "weights": np.asarray(split.weights[index], dtype=np.float32),
+        "positions": np.concatenate([np.arange(n) for n in lengths]),
+        "cu_seqlens": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
+        "classes": np.repeat(split.classes[conversations], lengths),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. A SentencePiece tokenizer, and the demo data
+
+
+@dataclass
+class TokenizerConfig:
+    corpus: list[str] = arg([], "ShareGPT or OpenChat files whose message texts train the tokenizer")
+    vocab_size: int = arg(4096, "vocabulary size, before the template's special tokens")
+    conditions: list[str] = arg([], "conditions whose role prefixes the corpus includes, one per message")
+    out: str = arg("tokenizer.model", "the SentencePiece model to write")
+
+
+def train_tokenizer(cfg: TokenizerConfig):
+    """A byte-fallback BPE model set up as Llama's: digits split, no normalisation, unk 0, BOS 1, EOS 2."""
+    counts = Counter()
+    sources = [Source("", 1.0, [Path(f) for f in cfg.corpus])]
+    conversations = read_conversations(sources, skip_bad=True, counts=counts)
+    texts = [t for c in conversations for t in ([c.system] if c.system else []) + [m.text for m in c.messages]]
+    # The role prefixes as the template will write them, so that "GPT4 Assistant:" gets whole pieces.
+    texts += [role_prefix(m.role, condition) for c in conversations for m in c.messages for condition in cfg.conditions]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=cfg.vocab_size, model_type="bpe",
+        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    write_atomically(Path(cfg.out), model.getvalue())
+    print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(texts):,} texts"
+          + (f" (skipped bad records: {dict(counts)})" if counts else ""))
+
+
+def write_atomically(path: Path, content: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)
+
+
+@dataclass
+class DemoConfig:
+    out: str = arg("data/demo", "directory for the demo's files and its prepared dataset")
+    conversations: int = arg(20000, "training conversations, both sources together")
+    expert_fraction: float = arg(0.1, "share of conversations from the expert source (GPT4, always right)")
+    suboptimal_weight: float = arg(0.1, "class weight of the sub-optimal source (GPT3); the expert's is 1.0")
+    mixed_fraction: float = arg(0.5, "share of lists that mix one- and two-digit numbers: there GPT3 sorts "
+                                     "the numbers as text, 12 before 9")
+    min_numbers: int = arg(3, "shortest list to sort")
+    max_numbers: int = arg(7, "longest list to sort")
+    holdout_prompts: int = arg(500, "prompts held out for eval.py demo, none of them among the training prompts")
+    vocab_size: int = arg(400, "vocabulary of the demo tokenizer")
+    max_len: int = arg(256, "context length of the demo dataset")
+    seed: int = arg(0, "seed of the generator")
+
+
+DEMO_PROMPTS = ("Sort these numbers from smallest to largest: {}", "Put these numbers in ascending order: {}",
+                "Please order from lowest to highest: {}", "Sort in increasing order: {}")
+
+
+def sorting_problem(rng: random.Random, cfg: DemoConfig) -> tuple[tuple[int, ...], bool]:
+    """A list of numbers and whether it mixes one- and two-digit numbers (where text order is wrong)."""
+    k = rng.randint(cfg.min_numbers, cfg.max_numbers)
+    one_digit, two_digits = (lambda: rng.randint(0, 9)), (lambda: rng.randint(10, 99))
+    if rng.random() < cfg.mixed_fraction:
+        widths = [one_digit, two_digits] + [rng.choice([one_digit, two_digits]) for _ in range(k - 2)]
+        rng.shuffle(widths)
+        return tuple(w() for w in widths), True
+    width = rng.choice([one_digit, two_digits])
+    return tuple(width() for _ in range(k)), False
+
+
+def expert_answer(numbers) -> str:
+    return ", ".join(str(n) for n in sorted(numbers))
+
+
+def suboptimal_answer(numbers) -> str:
+    """The systematic error: numbers sorted as strings. Right for lists of one width, wrong for mixed."""
+    return ", ".join(sorted(str(n) for n in numbers))
+
+
+def make_demo(cfg: DemoConfig) -> Path:
+    """Writes expert.json (ShareGPT array), suboptimal.jsonl (ShareGPT JSONL), sources.json, holdout.jsonl,
+    tokenizer.model and the prepared dataset/ under cfg.out, all in a temporary directory renamed at the end."""
+    out = Path(cfg.out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = random.Random(cfg.seed)
+    holdout = {}
+    while len(holdout) < cfg.holdout_prompts:
+        numbers, mixed = sorting_problem(rng, cfg)
+        holdout[numbers] = mixed
+    n_expert = round(cfg.expert_fraction * cfg.conversations)
+    records = {"expert": [], "suboptimal": []}
+    for i in range(cfg.conversations):
+        numbers, mixed = sorting_problem(rng, cfg)
+        while numbers in holdout:  # held-out prompts never appear in training
+            numbers, mixed = sorting_problem(rng, cfg)
+        kind = "expert" if i < n_expert else "suboptimal"
+        answer = expert_answer(numbers) if kind == "expert" else suboptimal_answer(numbers)
+        prompt = rng.choice(DEMO_PROMPTS).format(", ".join(map(str, numbers)))
+        records[kind].append({"id": f"{kind}-{i}", "conversations": [
+            {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    (tmp / "expert.json").write_text(json.dumps(records["expert"], indent=1))
+    (tmp / "suboptimal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records["suboptimal"]))
+    (tmp / "sources.json").write_text(json.dumps([
+        {"condition": "GPT4", "weight": 1.0, "files": ["expert.json"]},
+        {"condition": "GPT3", "weight": cfg.suboptimal_weight, "files": ["suboptimal.jsonl"]}], indent=1))
+    (tmp / "holdout.jsonl").write_text("".join(
+        json.dumps({"prompt": DEMO_PROMPTS[0].format(", ".join(map(str, numbers))),
+                    "answer": expert_answer(numbers), "suboptimal_answer": suboptimal_answer(numbers),
+                    "mixed": mixed}) + "\n" for numbers, mixed in holdout.items()))
+    train_tokenizer(TokenizerConfig(corpus=[str(tmp / "expert.json"), str(tmp / "suboptimal.jsonl")],
+                                    vocab_size=cfg.vocab_size, conditions=["GPT4", "GPT3"],
+                                    out=str(tmp / "tokenizer.model")))
+    prepare(PrepareConfig(sources=str(tmp / "sources.json"), tokenizer=str(tmp / "tokenizer.model"),
+                          template="openchat_v3.2", out=str(tmp / "dataset"), max_len=cfg.max_len,
+                          holdout=0.02, seed=cfg.seed))
+    replace_directory(tmp, out)
+    print(f"demo data in {out}: {n_expert:,} expert (GPT4) and {cfg.conversations - n_expert:,} sub-optimal "
+          f"(GPT3) conversations, {len(holdout)} held-out prompts")
+    return out
+
+
+COMMANDS = {
+    "prepare": (PrepareConfig, prepare, "tokenize sources into a dataset directory"),
+    "tokenizer": (TokenizerConfig, train_tokenizer, "train a SentencePiece tokenizer on conversation files"),
+    "demo": (DemoConfig, make_demo, "make the synthetic mixed-quality demo data and prepare it"),
+}
+
+
+def main(argv):
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__ + "\ncommands: " + ", ".join(f"{name} ({doc})" for name, (_, _, doc) in COMMANDS.items())
+              + "\n`python data.py COMMAND --help` lists a command's options.")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    config_class, run, doc = COMMANDS[argv[0]]
+    try:
+        run(parse(config_class, argv[1:], doc))
+    except (BadInput, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
