@@ -472,6 +472,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     tokenizer = Tokenizer(cfg.tokenizer, cfg.template)
     counts = Counter()
     conversations = read_conversations(sources, cfg.skip_bad, counts)
+    n_records = len(conversations) + sum(counts.values()) - counts["leading_assistant_turns_removed"]
     rows = tokenize_all(conversations, sources, tokenizer, cfg, counts)
 
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
@@ -493,7 +494,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         "max_len": cfg.max_len,
         "options": {k: getattr(cfg, k) for k in ("truncate", "skip_bad", "holdout", "seed", "zero_refusals",
                                                  "per_message_norm")},
-        "read": {"records": len(conversations) + sum(counts[r] for r in bad_reasons)},
+        "read": {"records": n_records},
         "skipped_bad_input": {r: counts[r] for r in bad_reasons if counts[r]},
         "dropped": {"no_supervised_token": counts["no_supervised_token"]},
         "modified": {k: counts[k] for k in ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")},
@@ -673,7 +674,7 @@ def train_tokenizer(cfg: TokenizerConfig):
         byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     write_atomically(Path(cfg.out), model.getvalue())
-    print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(texts):,} texts"
+    print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(conversations):,} conversations"
           + (f" (skipped bad records: {dict(counts)})" if counts else ""))
 
 

@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelConfig, Transformer, fused_weighted_cross_entropy  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+from model import ModelConfig, Transformer, fused_weighted_cross_entropy
 
 
 def randomize(model, seed=0, std=0.2):
