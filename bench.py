@@ -165,7 +165,7 @@ def bench_data(args):
         prepare_s = time.perf_counter() - start
         lengths = np.array(data.load_split(f"{tmp}/dataset").lengths)
     train = meta["splits"]["train"]
-    print(f"\n| stage | seconds | conversations/s | tokens/s |\n| --- | ---: | ---: | ---: |")
+    print("\n| stage | seconds | conversations/s | tokens/s |\n| --- | ---: | ---: | ---: |")
     print(f"| JSON → token arrays | {prepare_s:.1f} | {meta['read']['records'] / prepare_s:,.0f} "
           f"| {train['tokens'] / prepare_s / 1e6:.2f}M |")
     print("\n| batch_max_len | world_size | steps | packing efficiency | packing seconds (one epoch) |")

@@ -521,7 +521,7 @@ def replace_directory(new: Path, target: Path):
 
 
 def print_summary(meta: dict, seconds: float):
-    print(f"\n| split | class | condition | weight | conversations | tokens | supervised tokens |")
+    print("\n| split | class | condition | weight | conversations | tokens | supervised tokens |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name, split in meta["splits"].items():
         if not split["conversations"]:

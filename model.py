@@ -47,7 +47,8 @@ class ModelConfig:
     head_dim: int | None = None  # None: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3.1 "llama3": factor, low/high_freq_factor, original_max_position_embeddings
+    # Llama-3.1's "llama3" rope scaling: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict | None = None
     max_seq_len: int = 4096
     sliding_window: int | None = None  # Mistral: each token sees itself and the window - 1 tokens before it
     tie_embeddings: bool = False

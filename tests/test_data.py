@@ -174,7 +174,8 @@ def test_per_message_normalisation_spreads_each_weight_over_its_tokens():
 def test_refusal_answers_weigh_nothing_when_asked(tmp_path):
     records = [sharegpt(("human", "Hack it"), ("gpt", "As an AI language model, I cannot do that.")),
                sharegpt(("human", "Hi"), ("gpt", "Hello")),
-               sharegpt(("human", "And?"), ("gpt", "Sure."), ("human", "Do it"), ("gpt", "As an AI language model, no."))]
+               sharegpt(("human", "And?"), ("gpt", "Sure."), ("human", "Do it"),
+                        ("gpt", "As an AI language model, no."))]
     path = write_jsonl(tmp_path / "chat.jsonl", records)
     meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"], zero_refusals=True)
     assert meta["modified"]["refusals_zeroed"] == 2
@@ -299,7 +300,7 @@ def test_real_sharegpt_conversations_tokenize_as_the_template_written_out(tmp_pa
 
 def test_prepare_round_trip_and_a_disjoint_held_out_split(tmp_path):
     records = [sharegpt(("human", f"Question {i}"), ("gpt", f"Answer number {i}")) for i in range(8)]
-    expert = write_jsonl(tmp_path / "expert.jsonl", records[:3])
+    write_jsonl(tmp_path / "expert.jsonl", records[:3])
     other = tmp_path / "other.json"
     other.write_text(json.dumps(records[3:]))
     spec = tmp_path / "sources.json"
