@@ -10,7 +10,7 @@ Read top to bottom:
   2. Sources and their files: ShareGPT and OpenChat JSONL records, checked, bad input named by file and line.
   3. prepare: every conversation tokenised, weighted, shifted, and written as memory-mapped arrays.
   4. Multipack (SPEC §5): conversations into equal numbers of packed streams per rank, at train time.
-  5. Training a SentencePiece tokenizer, and the demo data.
+  5. Training a SentencePiece tokenizer (the demo's task and data are in demo.py).
 Each source is a condition string and a class weight: the condition goes into every role prefix (the
 policy is conditioned on the data's source, πθ(y | x, c)) and the weight scales the loss of its
 assistant tokens (the reward-weighted likelihood of SPEC §1).
@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -257,7 +256,8 @@ def get_field(obj, key: str, kind, where: str, what: str, required=True):
         return None
     value = obj[key]
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise BadInput("wrong_type", where, f"{what}: {key!r} is {type(value).__name__}, not {kind.__name__}")
+        expected = "a number" if kind == (int, float) else kind.__name__
+        raise BadInput("wrong_type", where, f"{what}: {key!r} is {type(value).__name__}, not {expected}")
     return value
 
 
@@ -369,7 +369,6 @@ class PrepareConfig:
 # Refusal boilerplate that the reference data cleaning removed from answers (SPEC §3).
 REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|i'm sorry, but as an ai|"
                      r"i am sorry, but as an ai|i cannot fulfill|i'm unable to assist", re.IGNORECASE)
-SPLITS = ("train", "holdout")
 ARRAYS = ("tokens", "weights", "offsets", "lengths", "classes")
 
 
@@ -450,7 +449,7 @@ def write_split(directory: Path, rows):
     arrays = {
         "tokens": np.concatenate([ids for ids, _, _ in rows]) if rows else np.zeros(0, np.int32),
         "weights": np.concatenate([t for _, t, _ in rows]) if rows else np.zeros(0, np.float32),
-        "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)[:-1]]).astype(np.int64),
+        "offsets": np.cumsum(lengths, dtype=np.int64) - lengths,
         "lengths": lengths,
         "classes": np.array([c for _, _, c in rows], dtype=np.int32),
     }
@@ -649,7 +648,7 @@ def pack_stream(split: Split, conversations: list[int]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. A SentencePiece tokenizer, and the demo data
+# 5. A SentencePiece tokenizer
 
 
 @dataclass
@@ -684,104 +683,18 @@ def write_atomically(path: Path, content: bytes):
     os.replace(tmp, path)
 
 
-@dataclass
-class DemoConfig:
-    out: str = arg("data/demo", "directory for the demo's files and its prepared dataset")
-    conversations: int = arg(20000, "training conversations, both sources together")
-    expert_fraction: float = arg(0.1, "share of conversations from the expert source (GPT4, always right)")
-    suboptimal_weight: float = arg(0.1, "class weight of the sub-optimal source (GPT3); the expert's is 1.0")
-    mixed_fraction: float = arg(0.5, "share of lists that mix one- and two-digit numbers: there GPT3 sorts "
-                                     "the numbers as text, 12 before 9")
-    min_numbers: int = arg(3, "shortest list to sort")
-    max_numbers: int = arg(7, "longest list to sort")
-    holdout_prompts: int = arg(500, "prompts held out for eval.py demo, none of them among the training prompts")
-    vocab_size: int = arg(400, "vocabulary of the demo tokenizer")
-    max_len: int = arg(256, "context length of the demo dataset")
-    seed: int = arg(0, "seed of the generator")
-
-
-DEMO_PROMPTS = ("Sort these numbers from smallest to largest: {}", "Put these numbers in ascending order: {}",
-                "Please order from lowest to highest: {}", "Sort in increasing order: {}")
-
-
-def sorting_problem(rng: random.Random, cfg: DemoConfig) -> tuple[tuple[int, ...], bool]:
-    """A list of numbers and whether it mixes one- and two-digit numbers (where text order is wrong)."""
-    k = rng.randint(cfg.min_numbers, cfg.max_numbers)
-    one_digit, two_digits = (lambda: rng.randint(0, 9)), (lambda: rng.randint(10, 99))
-    if rng.random() < cfg.mixed_fraction:
-        widths = [one_digit, two_digits] + [rng.choice([one_digit, two_digits]) for _ in range(k - 2)]
-        rng.shuffle(widths)
-        return tuple(w() for w in widths), True
-    width = rng.choice([one_digit, two_digits])
-    return tuple(width() for _ in range(k)), False
-
-
-def expert_answer(numbers) -> str:
-    return ", ".join(str(n) for n in sorted(numbers))
-
-
-def suboptimal_answer(numbers) -> str:
-    """The systematic error: numbers sorted as strings. Right for lists of one width, wrong for mixed."""
-    return ", ".join(sorted(str(n) for n in numbers))
-
-
-def make_demo(cfg: DemoConfig) -> Path:
-    """Writes expert.json (ShareGPT array), suboptimal.jsonl (ShareGPT JSONL), sources.json, holdout.jsonl,
-    tokenizer.model and the prepared dataset/ under cfg.out, all in a temporary directory renamed at the end."""
-    out = Path(cfg.out)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = random.Random(cfg.seed)
-    holdout = {}
-    while len(holdout) < cfg.holdout_prompts:
-        numbers, mixed = sorting_problem(rng, cfg)
-        holdout[numbers] = mixed
-    n_expert = round(cfg.expert_fraction * cfg.conversations)
-    records = {"expert": [], "suboptimal": []}
-    for i in range(cfg.conversations):
-        numbers, mixed = sorting_problem(rng, cfg)
-        while numbers in holdout:  # held-out prompts never appear in training
-            numbers, mixed = sorting_problem(rng, cfg)
-        kind = "expert" if i < n_expert else "suboptimal"
-        answer = expert_answer(numbers) if kind == "expert" else suboptimal_answer(numbers)
-        prompt = rng.choice(DEMO_PROMPTS).format(", ".join(map(str, numbers)))
-        records[kind].append({"id": f"{kind}-{i}", "conversations": [
-            {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
-    (tmp / "expert.json").write_text(json.dumps(records["expert"], indent=1))
-    (tmp / "suboptimal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records["suboptimal"]))
-    (tmp / "sources.json").write_text(json.dumps([
-        {"condition": "GPT4", "weight": 1.0, "files": ["expert.json"]},
-        {"condition": "GPT3", "weight": cfg.suboptimal_weight, "files": ["suboptimal.jsonl"]}], indent=1))
-    (tmp / "holdout.jsonl").write_text("".join(
-        json.dumps({"prompt": DEMO_PROMPTS[0].format(", ".join(map(str, numbers))),
-                    "answer": expert_answer(numbers), "suboptimal_answer": suboptimal_answer(numbers),
-                    "mixed": mixed}) + "\n" for numbers, mixed in holdout.items()))
-    train_tokenizer(TokenizerConfig(corpus=[str(tmp / "expert.json"), str(tmp / "suboptimal.jsonl")],
-                                    vocab_size=cfg.vocab_size, conditions=["GPT4", "GPT3"],
-                                    out=str(tmp / "tokenizer.model")))
-    prepare(PrepareConfig(sources=str(tmp / "sources.json"), tokenizer=str(tmp / "tokenizer.model"),
-                          template="openchat_v3.2", out=str(tmp / "dataset"), max_len=cfg.max_len,
-                          holdout=0.02, seed=cfg.seed))
-    replace_directory(tmp, out)
-    print(f"demo data in {out}: {n_expert:,} expert (GPT4) and {cfg.conversations - n_expert:,} sub-optimal "
-          f"(GPT3) conversations, {len(holdout)} held-out prompts")
-    return out
-
-
-COMMANDS = {
-    "prepare": (PrepareConfig, prepare, "tokenize sources into a dataset directory"),
-    "tokenizer": (TokenizerConfig, train_tokenizer, "train a SentencePiece tokenizer on conversation files"),
-    "demo": (DemoConfig, make_demo, "make the synthetic mixed-quality demo data and prepare it"),
-}
-
-
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__ + "\ncommands: " + ", ".join(f"{name} ({doc})" for name, (_, _, doc) in COMMANDS.items())
+    from demo import DemoConfig, make_demo  # the demo task lives beside this file and runs its pipeline
+    commands = {
+        "prepare": (PrepareConfig, prepare, "tokenize sources into a dataset directory"),
+        "tokenizer": (TokenizerConfig, train_tokenizer, "train a SentencePiece tokenizer on conversation files"),
+        "demo": (DemoConfig, make_demo, "make the synthetic mixed-quality demo data and prepare it"),
+    }
+    if not argv or argv[0] not in commands:
+        print(__doc__ + "\ncommands: " + ", ".join(f"{name} ({doc})" for name, (_, _, doc) in commands.items())
               + "\n`python data.py COMMAND --help` lists a command's options.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    config_class, run, doc = COMMANDS[argv[0]]
+    config_class, run, doc = commands[argv[0]]
     try:
         run(parse(config_class, argv[1:], doc))
     except (BadInput, ValueError, FileNotFoundError, FileExistsError) as e:

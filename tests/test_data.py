@@ -12,9 +12,10 @@ import pytest
 import sentencepiece as spm
 
 from conftest import MISTRAL_TOKENIZER, ROOT
-from data import (BadInput, DemoConfig, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer, load_meta,
-                  load_split, make_demo, multipack, pack_stream, packing_efficiency, parse_record, prepare,
-                  read_records, tokenize_conversation, train_tokenizer)
+from data import (BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer, load_meta, load_split,
+                  multipack, pack_stream, packing_efficiency, parse_record, prepare, read_records,
+                  tokenize_conversation, train_tokenizer)
+from demo import DemoConfig, make_demo
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
 EOT = 32000
@@ -100,6 +101,8 @@ def test_the_published_vector_and_its_weights(tmp_path):
     path = write_jsonl(tmp_path / "openchat.jsonl", [PUBLISHED_RECORD])
     meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
     assert rows(split) == [(PUBLISHED_IDS, shifted(published_weights()))]
+    empty = load_split(tmp_path / "dataset", "holdout")  # no --holdout: an empty, consistent split
+    assert len(empty.tokens) == len(empty.offsets) == len(empty.lengths) == len(empty.classes) == 0
     assert meta["tokenizer"]["sha256"] == "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
     assert meta["tokenizer"]["vocab_size"] == 32002 and meta["tokenizer"]["special_tokens"] == {
         "<|end_of_turn|>": 32000, "<|pad_0|>": 32001}
@@ -222,6 +225,7 @@ BAD_LINES = {
     "bad_weight (non-finite)": b'{"items": [{"role": "assistant", "content": "A", "weight": NaN}]}',
     "too_long": json.dumps(sharegpt(("human", "Q " * 100), ("gpt", "A"))).encode(),
     "wrong_type (not an object)": b'[1, 2]',
+    "wrong_type (weight)": b'{"items": [{"role": "assistant", "content": "A", "weight": "0.5"}]}',
     "missing_field (neither format)": b'{"messages": []}',
 }
 
@@ -323,6 +327,7 @@ def test_prepare_round_trip_and_a_disjoint_held_out_split(tmp_path):
             assert c == want_class
             seen.append(tuple(ids))
     assert sorted(seen) == sorted(expected) and (len(train.lengths), len(holdout.lengths)) == (6, 2)
+    assert train.offsets.tolist() == np.cumsum([0] + train.lengths.tolist())[:-1].tolist()
     assert meta["splits"]["train"]["conversations"] == 6 and meta["conditions"] == ["GPT3", "GPT4"]
     assert load_meta(tmp_path / "d")["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
     assert (tmp_path / "d" / "tokenizer.model").read_bytes() == MISTRAL_TOKENIZER.read_bytes()
