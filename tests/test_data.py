@@ -393,6 +393,16 @@ def test_tokenizer_training_learns_the_role_prefixes(tmp_path):
     assert not any(re.search(r"\d\d", p) for p in vocabulary if not p.startswith("<0x"))  # digits split
 
 
+def test_a_tokenizer_that_already_has_the_special_token_is_refused(tmp_path):
+    import io
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50), model_writer=model, vocab_size=12,
+                                   user_defined_symbols=["<|end_of_turn|>"], minloglevel=2)
+    (tmp_path / "t.model").write_bytes(model.getvalue())
+    with pytest.raises(ValueError, match="already has a piece <\\|end_of_turn\\|>"):
+        Tokenizer(tmp_path / "t.model", "openchat_v3.2")
+
+
 def test_the_demo_data_is_mixed_quality_with_disjoint_held_out_prompts(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"), conversations=600, holdout_prompts=60, seed=3)
     make_demo(cfg)
