@@ -162,13 +162,17 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int | None):
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs besides its own q, k, v; built once per forward."""
+    """What every layer's attention needs besides its own q, k, v; built once per forward. Three paths:
+    flash varlen over a packed stream (cu_seqlens), a packed stream run as a padded batch of its
+    conversations (rows, valid), and plain SDPA over the batch or the KV cache (mask only)."""
     cos: torch.Tensor  # [B, T, hd] rotary tables at each token's position
     sin: torch.Tensor
     positions: torch.Tensor  # [B, T] each token's position: where its K/V go in a KV cache
-    mask: torch.Tensor | None  # bool [B, 1, T, S] for SDPA; None on the flash varlen path
-    cu_seqlens: torch.Tensor | None = None  # flash varlen path only
+    mask: torch.Tensor | None = None  # bool [B, 1, T, S]: which keys each query sees (SDPA)
+    cu_seqlens: torch.Tensor | None = None  # int32 [S + 1], with max_seqlen: flash varlen
     max_seqlen: int | None = None
+    rows: torch.Tensor | None = None  # [S, L]: the stream index of position j of conversation s
+    valid: torch.Tensor | None = None  # bool [S, L]: j < that conversation's length
 
 
 class KVCache(nn.Module):
@@ -206,15 +210,21 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, a.cos, a.sin), apply_rope(k, a.cos, a.sin)
-        if a.mask is None:  # packed stream on CUDA: the batch is one stream, B = 1
+        if a.cu_seqlens is not None:  # a packed stream (B = 1) on CUDA
             y = varlen_attention(q[0], k[0], v[0], a.cu_seqlens, a.max_seqlen, self.window)[None]
+        elif a.rows is not None:  # a packed stream elsewhere: its conversations as the rows of a batch
+            y = self.sdpa(q[0][a.rows], k[0][a.rows], v[0][a.rows], a.mask)[a.valid][None]
         else:
             if self.kv_cache is not None:
                 k, v = self.kv_cache.update(a.positions, k, v)  # [B, S, nkv, hd]
-            y = F.scaled_dot_product_attention(  # (B, nh, T, hd)
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=a.mask,
-                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+            y = self.sdpa(q, k, v, a.mask)
         return self.o_proj(y.reshape(B, T, -1))
+
+    def sdpa(self, q, k, v, mask):
+        """q [B, T, nh, hd], k, v [B, S, nkv, hd] → [B, T, nh, hd]"""
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+                                              ).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -288,8 +298,8 @@ class Transformer(nn.Module):
         - packed stream: tokens [N], positions [N] restarting at 0 for each conversation, cu_seqlens
           (int32 [S+1], the conversation boundaries), optionally max_seqlen → logits [N, V];
         - decoding after setup_kv_cache: tokens [B, T] at positions [B, T] → logits [B, T, V].
-        With targets and weights (the shape of tokens), return instead (Σ w·CE, Σ w·[argmax = target])
-        from the fused loss: the [N, V] logits are never materialised."""
+        With targets and weights (the shape of tokens), return instead the fused loss (Σ w·CE, and per
+        token CE and [argmax = target], flat [N]): the [N, V] logits are never materialised."""
         packed = tokens.dim() == 1
         if packed:
             if positions is None or cu_seqlens is None:
@@ -318,18 +328,20 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if cu_seqlens is None:  # padded batch (keys are the tokens themselves) or decoding (keys in the cache)
             k_pos = positions if cache is None else torch.arange(cache.k.shape[1], device=positions.device)[None]
-            return AttentionInputs(cos, sin, positions, attention_mask(positions, k_pos, window))
+            return AttentionInputs(cos, sin, positions, mask=attention_mask(positions, k_pos, window))
         if cache is not None:
             raise ValueError("a packed stream cannot run on a model with a KV cache (setup_kv_cache)")
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max())  # a host sync: pass max_seqlen if you can
         if positions.is_cuda and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # host sync: pass it if you can
-            return AttentionInputs(cos, sin, positions, None, cu_seqlens, max_seqlen)
-        # Elsewhere (CPU, float32): one dense mask, causal by position and never across conversations.
-        idx = torch.arange(positions.shape[1], device=positions.device)
-        conversation = torch.searchsorted(cu_seqlens[1:], idx, right=True)  # [N] which conversation
-        same = conversation[:, None] == conversation[None, :]
-        return AttentionInputs(cos, sin, positions, attention_mask(positions, positions, window) & same)
+            return AttentionInputs(cos, sin, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        # Elsewhere (CPU, float32): each conversation becomes a row of a padded batch. Causality alone keeps
+        # a real query away from the padding, which only ever follows it.
+        j = torch.arange(max_seqlen, device=positions.device)
+        rows = (cu_seqlens[:-1, None] + j).clamp(max=positions.shape[1] - 1)  # padding reads a real token
+        return AttentionInputs(cos, sin, positions, mask=attention_mask(j[None], j[None], window), rows=rows,
+                               valid=j < lengths[:, None])
 
     # -----------------------------------------------------------------------------------------------------
     # Checkpoints in the Hugging Face format (safetensors only) and special tokens
@@ -438,17 +450,17 @@ CHUNK_TOKENS = 1024
 
 
 class FusedWeightedCrossEntropy(torch.autograd.Function):
-    """Σ_t w_t·CE(h_t Wᵀ, y_t) and Σ_t w_t·[argmax h_t Wᵀ = y_t] over the tokens with w_t ≠ 0, a chunk of
-    them at a time. The gradients are computed in the same pass (the logits exist only there) and handed
-    to autograd in backward, scaled by the incoming gradient."""
+    """Σ_t w_t·CE(h_t Wᵀ, y_t) over the tokens with w_t ≠ 0, a chunk of them at a time, with each token's
+    CE and [argmax h_t Wᵀ = y_t] for statistics. The gradients are computed in the same pass (the logits
+    exist only there) and handed to autograd in backward, scaled by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, need_grad, chunk_tokens):
         # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
         kept = weights.nonzero().squeeze(1)  # the supervised tokens; the others cost nothing (a host sync)
-        loss = torch.zeros((), dtype=cdt, device=hidden.device)
-        correct = torch.zeros((), dtype=cdt, device=hidden.device)
+        ce = torch.zeros(len(hidden), dtype=cdt, device=hidden.device)
+        correct = torch.zeros(len(hidden), dtype=cdt, device=hidden.device)
         if need_grad:
             grad_hidden = torch.zeros_like(hidden)
             grad_weight = torch.zeros_like(weight, dtype=cdt)  # float32 accumulator for a bf16 weight
@@ -458,10 +470,10 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.T).to(cdt)  # [C, V], the only chunk-sized buffer (updated in place)
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
             row_max, argmax = logits.max(dim=1)
-            correct += (w * (argmax == y)).sum()
+            correct[idx] = (argmax == y).to(cdt)
             exp = logits.sub_(row_max[:, None]).exp_()
             sum_exp = exp.sum(dim=1)
-            loss += (w * (row_max + sum_exp.log() - target_logit)).sum()  # CE = logsumexp(z) − z_y
+            ce[idx] = row_max + sum_exp.log() - target_logit  # CE = logsumexp(z) − z_y
             if not need_grad:
                 continue
             # dCE/dz = softmax(z) − onehot(y); fold each token's weight into its row before the products.
@@ -473,13 +485,13 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(g.T, h)
             else:  # no matmul here writes float32 from bf16 inputs: add the bf16 product into float32
                 grad_weight += g.T @ h
-        ctx.mark_non_differentiable(correct)
+        ctx.mark_non_differentiable(ce, correct)
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return loss, correct
+        return (weights.to(cdt) * ce).sum(), ce, correct
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
+    def backward(ctx, grad_loss, _grad_ce, _grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
         # In place: the saved gradients are used once (a second backward is refused by autograd).
         grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
@@ -488,9 +500,10 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
 
 
 def fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=CHUNK_TOKENS):
-    """(Σ w·CE, Σ w·[argmax = target]) of the logits hidden @ weight.T, in float32 (float64 for float64
-    inputs), without materialising them. hidden [N, H] and weight [V, H] share a dtype; targets [N] int;
-    weights [N] ≥ 0, zero for every token that is not supervised (its target is never read)."""
+    """Σ w·CE of the logits hidden @ weight.T without materialising them, and per token [N] its CE and
+    [argmax = target] (0 where w = 0), all in float32 (float64 for float64 inputs). hidden [N, H] and
+    weight [V, H] share a dtype; targets [N] int; weights [N] ≥ 0, zero for every token that is not
+    supervised (its target is never read). Only the sum is differentiable."""
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}")
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)

@@ -48,7 +48,7 @@ def main():
         fully_shard(sharded, mesh=mesh, mp_policy=policy)  # the root holds embed_tokens, norm, lm_head
 
         tokens, positions, cu, targets, weights = packed_stream(rank, reference.config.vocab_size)
-        loss, _ = sharded(tokens, positions, cu, targets=targets, weights=weights)
+        loss = sharded(tokens, positions, cu, targets=targets, weights=weights)[0]
         loss.backward()
 
         for r in range(world):  # the same average on one process

@@ -36,10 +36,10 @@ def tiny(dtype=torch.float32, seed=0, **overrides):
 
 
 def naive_weighted_ce(hidden, weight, targets, weights):
-    """Σ w·CE and Σ w·[argmax = target] from the full logits, in float64, by autograd."""
+    """Σ w·CE, per-token CE and [argmax = target] from the full logits, in float64, by autograd."""
     logits = hidden @ weight.T
     ce = torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None]).squeeze(1)
-    return (weights * ce).sum(), (weights * (logits.argmax(1) == targets)).sum()
+    return (weights * ce).sum(), ce, (logits.argmax(1) == targets).double()
 
 
 def loss_case(name, dtype, H=16, V=103, seed=0):
@@ -70,23 +70,26 @@ def test_fused_loss_and_gradients_equal_a_float64_naive_computation(case, dtype)
     hidden, weight, targets, weights = loss_case(case, dtype)
     h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     # 8 tokens a chunk: the ~25 supervised tokens of "mixed" leave a partial last chunk.
-    loss, correct = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)
+    loss, ce, correct = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)
     (0.37 * loss).backward()  # the incoming gradient must scale both gradients
 
     h64, W64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref_loss, ref_correct = naive_weighted_ce(h64, W64, targets, weights.double())
+    ref_loss, ref_ce, ref_correct = naive_weighted_ce(h64, W64, targets, weights.double())
     (0.37 * ref_loss).backward()
 
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.dtype == ce.dtype == correct.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert h.grad.dtype == dtype and W.grad.dtype == dtype
     tol = TOLERANCE[dtype]
+    kept = weights != 0
+    assert not ce[~kept].any() and not correct[~kept].any()  # nothing computed for unsupervised tokens
     if case == "all_zero":
-        assert loss.item() == 0 and correct.item() == 0
+        assert loss.item() == 0
         assert not h.grad.any() and not W.grad.any()
         return
     assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
+    assert relative_error(ce[kept], ref_ce[kept].detach()) <= tol
     if dtype != torch.bfloat16:  # bf16 logits may flip a near-tie of the argmax
-        assert correct.item() == pytest.approx(ref_correct.item(), rel=1e-12)
+        assert torch.equal(correct[kept], ref_correct[kept].to(correct.dtype))
     assert relative_error(h.grad, h64.grad) <= tol
     assert relative_error(W.grad, W64.grad) <= tol
 
@@ -95,17 +98,19 @@ def test_fused_loss_never_reads_the_targets_of_unsupervised_tokens():
     hidden, weight, targets, weights = loss_case("mixed", torch.float32)
     garbage = targets.clone()
     garbage[weights == 0] = -1  # gather would fail on it
-    assert torch.equal(torch.stack(fused_weighted_cross_entropy(hidden, weight, garbage, weights, 8)),
-                       torch.stack(fused_weighted_cross_entropy(hidden, weight, targets, weights, 8)))
+    for a, b in zip(fused_weighted_cross_entropy(hidden, weight, garbage, weights, 8),
+                    fused_weighted_cross_entropy(hidden, weight, targets, weights, 8)):
+        assert torch.equal(a, b)
 
 
 def test_fused_loss_without_gradients_gives_the_same_values():
     hidden, weight, targets, weights = loss_case("mixed", torch.float32)
     W = weight.clone().requires_grad_()
     with torch.no_grad():
-        loss_ng, correct_ng = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
-    loss, correct = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
-    assert loss_ng.item() == loss.item() and correct_ng.item() == correct.item()
+        without = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
+    with_grad = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
+    for a, b in zip(without, with_grad):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -118,7 +123,7 @@ def test_model_loss_and_every_parameter_gradient_equal_the_naive_loss_on_its_log
     weights[torch.rand(len(tokens)) < 0.3] = 0
     weights[cu[1:] - 1] = 0  # the last token of a conversation predicts nothing
 
-    loss, _ = model(tokens, positions, cu, targets=targets, weights=weights)
+    loss = model(tokens, positions, cu, targets=targets, weights=weights)[0]
     loss.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -392,10 +397,10 @@ def test_flash_varlen_stream_equals_conversations_one_by_one_on_cuda(config):
 def test_fused_loss_in_bf16_on_cuda_equals_a_float64_naive_computation():
     hidden, weight, targets, weights = (t.cuda() for t in loss_case("mixed", torch.bfloat16, H=256, V=5000))
     h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, _ = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)
+    loss = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)[0]
     loss.backward()
     h64, W64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    ref, _ = naive_weighted_ce(h64, W64, targets, weights.double())
+    ref = naive_weighted_ce(h64, W64, targets, weights.double())[0]
     ref.backward()
     assert abs(loss.item() - ref.item()) <= 2e-2 * abs(ref.item())
     assert relative_error(h.grad, h64.grad) < 2e-2 and relative_error(W.grad, W64.grad) < 2e-2
