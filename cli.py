@@ -28,8 +28,9 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse(cls, argv, description: str = ""):
-    """An instance of the dataclass cls from argv (flags --key=value, --key value, or --flag for a bool)."""
+def parse(cls, argv, description: str = "", defaults=None):
+    """An instance of the dataclass cls from argv (flags --key=value, --key value, or --flag for a bool);
+    unset flags take their values from `defaults` (an instance of cls) or else the field defaults."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -38,7 +39,10 @@ def parse(cls, argv, description: str = ""):
         if typing.get_origin(kind) in (typing.Union, type(int | None)):  # X | None: parse as X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])  # --max-len or --max_len
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help = f.metadata.get("help", "")
         if kind is bool:
             parser.add_argument(*flags, type=parse_bool, nargs="?", const=True, default=default, help=help)
@@ -49,4 +53,7 @@ def parse(cls, argv, description: str = ""):
                                 help=f"{help} (default: {default})")
         else:
             parser.add_argument(*flags, type=kind, default=default, help=help)
-    return cls(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    if defaults is not None:  # a list flag that was not given keeps the defaults' list
+        args = {**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)}, **args}
+    return cls(**args)

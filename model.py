@@ -80,6 +80,7 @@ PRESETS = {
     "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512),
     "tiny-mistral": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                          max_seq_len=512, sliding_window=16, architecture="MistralForCausalLM"),
+    "demo": dict(vocab_size=401, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384, max_seq_len=256),
     # The real shapes, as their Hugging Face config.json files give them.
     "TinyLlama-1.1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
     "Llama-2-7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
@@ -358,58 +359,20 @@ class Transformer(nn.Module):
         params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
         loaded = set()
         with torch.no_grad():
-            for file, hf_name, tensor in iter_checkpoint_tensors(path):
-                if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry: recomputed
-                    continue
-                name = hf_name.removeprefix("model.")
-                if name not in params:
-                    raise ValueError(f"{file}: tensor {hf_name} is not a parameter of {config.architecture} "
-                                     f"with this config.json (tie_word_embeddings={config.tie_embeddings})")
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ValueError(f"{file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
-                                     f"config.json implies {tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-                loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+            for file, hf_name, f in iter_checkpoint(path):
+                name = checked_parameter_name(file, hf_name, f, {n: p.shape for n, p in params.items()}, config)
+                if name is not None:
+                    params[name].copy_(f.get_tensor(hf_name))
+                    loaded.add(name)
+        check_all_loaded(path, params, loaded)
         return model
 
     def save_pretrained(self, path, dtype=None, max_shard_bytes=5_000_000_000):
         """Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards of at most
-        max_shard_bytes with model.safetensors.index.json: the layout transformers and vLLM load. Each file
-        is written under a temporary name and renamed into place; stale shards of an earlier save go."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        dtype = dtype or self.lm_head.weight.dtype
-        names = [n for n, _ in self.named_parameters()]  # a tied lm_head is not saved, as HF does
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        shards, size = [[]], 0
-        for name in names:
-            nbytes = self.get_parameter(name).numel() * itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += nbytes
-        files = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        weight_map = {}
-        for file, shard in zip(files, shards):  # one shard in memory at a time
-            tensors = {hf_tensor_name(n): self.get_parameter(n).detach().to("cpu", dtype).contiguous()
-                       for n in shard}
-            write_atomically(path / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(tensors, file))
-        written = set(files)
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(self.get_parameter(n).numel() for n in names) * itemsize},
-                     "weight_map": weight_map}
-            write_json(path / "model.safetensors.index.json", index)
-            written.add("model.safetensors.index.json")
-        for stale in path.glob("model*.safetensors*"):
-            if stale.name not in written:
-                stale.unlink()
-        write_json(path / "config.json", config_to_hf(self.config, dtype))
+        max_shard_bytes with model.safetensors.index.json: the layout transformers and vLLM load."""
+        params = dict(self.named_parameters())  # a tied lm_head is not saved, as transformers does
+        write_hf_checkpoint(path, self.config, {n: p.shape for n, p in params.items()}, lambda n: params[n].detach(),
+                            dtype or self.lm_head.weight.dtype, max_shard_bytes)
 
     @torch.no_grad()
     def extend_vocab(self, vocab_size: int):
@@ -561,6 +524,46 @@ def hf_tensor_name(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
+def write_hf_checkpoint(path, config: ModelConfig, shapes: dict, fetch, dtype, max_shard_bytes=5_000_000_000,
+                        write=True):
+    """The files of save_pretrained for parameters given by name and shape, fetch(name) returning one
+    parameter's full value at a time, so only one shard is ever in memory. (train.py gathers FSDP shards
+    in fetch on every rank; only the rank with write=True writes.) Each file is written under a temporary
+    name and renamed into place; stale shards of an earlier save in the folder go."""
+    path = Path(path)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for file, shard in zip(files, shards):
+        tensors = {hf_tensor_name(n): fetch(n).to("cpu", dtype).contiguous() for n in shard}
+        if write:
+            write_atomically(path / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(tensors, file))
+    if not write:
+        return
+    written = set(files)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(math.prod(s) for s in shapes.values()) * itemsize},
+                 "weight_map": weight_map}
+        write_json(path / "model.safetensors.index.json", index)
+        written.add("model.safetensors.index.json")
+    for stale in path.glob("model*.safetensors*"):
+        if stale.name not in written:
+            stale.unlink()
+    write_json(path / "config.json", config_to_hf(config, dtype))
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
@@ -578,12 +581,37 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint_tensors(path):
-    """Yields (file, Hugging Face name, tensor) one tensor at a time, shard after shard."""
+def iter_checkpoint(path):
+    """Yields (file, Hugging Face tensor name, open safetensors file) shard after shard; read the tensor
+    with f.get_tensor(name), or only some of its rows with f.get_slice(name)[a:b]."""
     for file in checkpoint_files(Path(path)):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield file, name, f.get_tensor(name)
+                yield file, name, f
+
+
+def checked_parameter_name(file, hf_name: str, f, shapes: dict, config: ModelConfig, rows: int | None = None):
+    """Our name of a checkpoint tensor after checking it belongs to the model with the expected shape
+    (`rows`: the checkpoint's vocabulary rows when the model has more); None for a tensor to skip."""
+    if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry: recomputed here
+        return None
+    name = hf_name.removeprefix("model.")
+    if name not in shapes:
+        raise ValueError(f"{file}: tensor {hf_name} is not a parameter of {config.architecture} with this "
+                         f"config.json (tie_word_embeddings={config.tie_embeddings})")
+    expected = tuple(shapes[name])
+    if rows is not None and name in ("embed_tokens.weight", "lm_head.weight"):
+        expected = (rows,) + expected[1:]
+    shape = tuple(f.get_slice(hf_name).get_shape())
+    if shape != expected:
+        raise ValueError(f"{file}: tensor {hf_name} has shape {shape}, config.json implies {expected}")
+    return name
+
+
+def check_all_loaded(path, params, loaded):
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
 
 def read_json(path: Path):

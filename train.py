@@ -1,0 +1,550 @@
+"""C-RLFT training: packed conversations and the fused weighted loss, normalised over the whole optimizer
+step (SPEC §2), under FSDP2. One code path for one process and for torchrun.
+
+  python train.py                       # the demo on CPU: makes data/demo if missing, trains from scratch
+  torchrun --nproc_per_node=8 train.py --preset=openchat-13b --base=Llama-2-13b-hf --data=data/mine
+  python train.py --help                # every option, with its default (a preset's values when given)
+
+Read top to bottom:
+  1. TrainConfig and the recipes (SPEC §6).
+  2. Processes and the parallelism: checkpointing, compile, fully_shard per block, then the root.
+  3. The model: from scratch, or from a Hugging Face base read a slice per rank, new token rows added.
+  4. The data: multipack plans, and the global weight sum of every optimizer step.
+  5. The step: Σ w·CE / Σ w over all ranks and micro-batches, exactly.
+  6. Checkpoints (torch.distributed.checkpoint, resumable) and Hugging Face exports.
+  7. The loop: logging, faults, the end.
+"""
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import data
+from cli import arg, parse
+from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
+                   iter_checkpoint, read_json, write_hf_checkpoint, write_json)
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class TrainConfig:
+    preset: str = arg("demo", "recipe whose values become the defaults of the other flags (see PRESETS)")
+    data: str = arg("data/demo/dataset", "dataset directory made by `python data.py prepare`")
+    base: str = arg("", "Hugging Face folder of the base model; empty: train from scratch with --model")
+    model: str = arg("demo", "model preset when training from scratch (model.py PRESETS)")
+    out: str = arg("runs/demo", "run directory: metrics.jsonl, checkpoints/, exports/")
+    epochs: int = arg(3, "passes over the data")
+    max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
+    batch_max_len: int = arg(2048, "tokens in one packed stream: one rank's micro-batch")
+    grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
+    lr: float = arg(0.0, "peak learning rate; 0: SPEC §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
+                         "supervised tokens per optimizer step")
+    lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 Mistral, 1/5.3 Llama-3)")
+    warmup: float = arg(0.05, "fraction of the steps with a linear warm-up")
+    min_lr: float = arg(0.1, "the cosine ends at this fraction of the peak learning rate")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices and embeddings; not the norm gains)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    eps: float = arg(1e-5, "AdamW epsilon")
+    grad_clip: float = arg(1.0, "gradient norm clip (0: none)")
+    dtype: str = arg("auto", "compute dtype: bfloat16 or float32; auto: bfloat16 on GPU, float32 on CPU")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
+    compile: bool = arg(False, "torch.compile each block")
+    seed: int = arg(0, "seed of the initialisation and of the packing shuffles")
+    log_every: int = arg(10, "optimizer steps between log rows")
+    save_every: int = arg(0, "optimizer steps between resumable checkpoints (0: at each epoch's end only)")
+    keep_last: int = arg(0, "keep only the newest K resumable checkpoints (0: keep all)")
+    resume: bool = arg(False, "continue from the newest complete checkpoint in --out")
+    export_dtype: str = arg("bfloat16", "dtype of the Hugging Face exports")
+
+
+PRESETS = {
+    "demo": {},  # the field defaults: the sorting demo from scratch on a CPU in a few minutes
+    # The paper's model (SPEC §6): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5 epochs,
+    # AdamW (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0, 5% warm-up and cosine to 10%, automatic lr.
+    "openchat-13b": dict(data="", model="Llama-2-13B", out="runs/openchat-13b", epochs=5, batch_max_len=32768,
+                         activation_checkpointing=True, log_every=1),
+    # OpenChat 3.5 on Mistral-7B: the same recipe, the automatic learning rate divided by 6.
+    "mistral-7b": dict(data="", model="Mistral-7B", out="runs/mistral-7b", epochs=5, batch_max_len=32768,
+                       lr_scale=1 / 6, activation_checkpointing=True, log_every=1),
+}
+
+
+def load_config(argv) -> TrainConfig:
+    """--preset first, then every other flag over the preset's values."""
+    preset = parse(TrainConfig, argv, __doc__).preset
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **PRESETS[preset]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Processes and parallelism
+
+
+def setup_processes() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one, with a
+    process group all the same, so that one code path (FSDP2) serves both. NCCL on CUDA, gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
+    """In a fixed order, as torchtitan: activation checkpointing, per-block compile, fully_shard per block,
+    then the root (embeddings, final norm, output head). Parameters, gradients' reduction and the optimizer
+    state stay float32 and sharded; forward and backward compute in compute_dtype."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        if cfg.activation_checkpointing:
+            activation_checkpoint(block)  # the composable form: parameter names stay those of the checkpoint
+        if cfg.compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global weight
+    # sum, so the ranks' gradients must be summed to give ∇L (SPEC §2).
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The model
+
+
+def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Transformer:
+    """From scratch: initialised whole on every rank with the same seed (small models: the demo), then
+    sharded. From a base: built on the meta device, sharded, and each rank reads its own rows of every
+    tensor (a 13B base is read once per node, not once per rank); the template's new tokens get rows
+    that start as the mean of the base's rows (SPEC §3)."""
+    vocab_size = meta["tokenizer"]["vocab_size"]
+    if not cfg.base:
+        torch.manual_seed(cfg.seed)
+        model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=vocab_size))
+        parallelize(model, mesh, cfg, compute_dtype)  # fully_shard moves each rank's shard to the device
+        return model
+    base = Path(cfg.base)
+    config = config_from_hf(read_json(base / "config.json"), base / "config.json")
+    base_rows = check_base_matches_tokenizer(base, config, meta)
+    with torch.device("meta"):
+        model = Transformer(replace(config, vocab_size=vocab_size))
+    if model.config.tie_embeddings:
+        raise ValueError(f"{base}: tied input and output embeddings are not supported by the sharded loader")
+    parallelize(model, mesh, cfg, compute_dtype)
+    model.to_empty(device=device)
+    load_base_rows(model, base, base_rows)
+    return model
+
+
+def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict) -> int:
+    tok = meta["tokenizer"]
+    if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]):
+        raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's tokenizer has "
+                         f"{tok['base_vocab_size']} pieces (+{len(tok['special_tokens'])} special): prepare the "
+                         f"data with the base model's tokenizer.model")
+    sp_file = base / "tokenizer.model"
+    if sp_file.exists():
+        sha = hashlib.sha256(sp_file.read_bytes()).hexdigest()
+        if sha != tok["sha256"]:
+            raise ValueError(f"{sp_file} (sha256 {sha[:12]}…) is not the tokenizer the dataset was made with "
+                             f"({tok['path']}, sha256 {tok['sha256'][:12]}…): prepare the data with it")
+    return config.vocab_size
+
+
+def shard_rows(param) -> tuple[int, int]:
+    """The global rows [start, stop) of dim 0 that this rank holds of an FSDP2 parameter (torch.chunk)."""
+    rows, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
+    chunk = -(-rows // world)
+    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    if stop - start != param.to_local().shape[0]:
+        raise RuntimeError(f"unexpected FSDP sharding: {stop - start} rows computed, {param.to_local().shape[0]} held")
+    return start, stop
+
+
+@torch.no_grad()
+def load_base_rows(model: Transformer, base: Path, base_rows: int):
+    params = dict(model.named_parameters())
+    loaded = set()
+    for file, hf_name, f in iter_checkpoint(base):
+        name = checked_parameter_name(file, hf_name, f, {n: p.shape for n, p in params.items()}, model.config,
+                                      rows=base_rows)
+        if name is None:
+            continue
+        start, stop = shard_rows(params[name])
+        stop_read = min(stop, base_rows)  # rows past base_rows are new tokens, filled below
+        if stop_read > start:
+            params[name].to_local()[:stop_read - start].copy_(f.get_slice(hf_name)[start:stop_read])
+        loaded.add(name)
+    check_all_loaded(base, params, loaded)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        param = params[name]
+        start, stop = shard_rows(param)
+        local = param.to_local()
+        total = local[:max(0, min(stop, base_rows) - start)].sum(0, dtype=torch.float64)
+        dist.all_reduce(total)  # the sum of the base's rows over all ranks
+        for row in range(max(start, base_rows), stop):
+            local[row - start] = (total / base_rows).to(local.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The data
+
+
+@dataclass
+class Batch:
+    """One rank's packed stream for one micro-batch, on the device."""
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    targets: torch.Tensor
+    weights: torch.Tensor
+    classes: torch.Tensor
+
+
+def load_data(path) -> tuple[dict, data.Split]:
+    meta = data.load_meta(path)
+    split = data.load_split(path, "train")
+    n = len(split.lengths)
+    if not n:
+        raise ValueError(f"{path}: the train split has no conversations")
+    if (len(split.offsets), len(split.classes)) != (n, n) or split.offsets[-1] + split.lengths[-1] != len(split.tokens) \
+            or len(split.weights) != len(split.tokens):
+        raise ValueError(f"{path}/train: the arrays disagree (offsets, lengths, tokens, weights): the dataset "
+                         f"directory is damaged; prepare it again")
+    if split.classes.max() >= len(meta["sources"]):
+        raise ValueError(f"{path}: class ids beyond the {len(meta['sources'])} sources of meta.json")
+    return meta, split
+
+
+def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int) -> list[list[list[int]]]:
+    """The optimizer steps of one epoch: multipack into world_size × grad_accum bins per step; rank r takes
+    bins r·grad_accum … r·grad_accum + grad_accum - 1 as its micro-batches. The same plan on every rank."""
+    try:
+        return data.multipack(split.lengths, cfg.batch_max_len, world_size * cfg.grad_accum, cfg.seed, epoch)
+    except ValueError as e:
+        raise ValueError(f"{cfg.data}: {e}; raise --batch-max-len or prepare the data with a smaller max_len") from None
+
+
+def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
+    s = data.pack_stream(split, conversations)
+    to = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
+    return Batch(to(s["tokens"], torch.long), to(s["positions"], torch.long), to(s["cu_seqlens"], torch.int32),
+                 int(np.diff(s["cu_seqlens"]).max()), to(s["targets"], torch.long), to(s["weights"], torch.float32),
+                 to(s["classes"], torch.long))
+
+
+def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) -> float:
+    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak (SPEC §6)."""
+    warmup = max(1, round(cfg.warmup * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The step
+
+
+def forward_backward(model, batches: list[Batch], weight_sum: float, n_classes: int) -> torch.Tensor:
+    """This rank's share of one optimizer step. SPEC §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
+    rank and micro-batch of the step. weight_sum is that global Σ w, known from the plan on every rank, so
+    each micro-batch back-propagates its Σ w·CE / weight_sum with no collective and no host sync; the
+    gradients add up over micro-batches, and over ranks in FSDP's reduce-scatter (divide factor 1).
+    Returns this rank's [Σ w·CE, Σ w·correct, Σ w] per class, for the logs, and Σ w·CE per micro-batch."""
+    stats = torch.zeros(n_classes, 3, dtype=torch.float64, device=batches[0].tokens.device)
+    losses = []
+    for b in batches:
+        loss_sum, ce, correct = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, b.targets, b.weights)
+        (loss_sum / weight_sum).backward()
+        per_token = torch.stack([b.weights * ce.float(), b.weights * correct.float(), b.weights], dim=1)
+        stats.index_add_(0, b.classes, per_token.double())
+        losses.append(loss_sum.detach())
+    return stats, torch.stack(losses)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Checkpoints and exports
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Checkpoints are written to .tmp-step-N and renamed to step-N when every rank has finished: a run
+    killed while saving leaves only a .tmp directory, which is never resumed from."""
+    return sorted((out / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_step: int, cfg: TrainConfig, rank: int):
+    target = out / "checkpoints" / f"step-{step:08d}"
+    tmp = target.with_name(f".tmp-{target.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state,
+             "progress": torch.tensor([step, epoch, next_step, dist.get_world_size(), cfg.grad_accum]),
+             f"rng_rank{rank}": torch.get_rng_state()}
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+    except Exception as e:  # e.g. a full disk: the previous checkpoints are untouched
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are intact") from e
+    dist.barrier()
+    if rank == 0:
+        os.rename(tmp, target)
+        if cfg.keep_last:
+            for old in complete_checkpoints(out)[:-cfg.keep_last]:
+                shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -> tuple[int, int, int]:
+    progress = {"progress": torch.zeros(5, dtype=torch.long)}
+    dcp.load(progress, checkpoint_id=path)
+    step, epoch, next_step, world, grad_accum = progress["progress"].tolist()
+    if (world, grad_accum) != (dist.get_world_size(), cfg.grad_accum):  # the data plan depends on both
+        raise ValueError(f"{path} was saved by {world} ranks with --grad-accum={grad_accum}; resume with the same")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state, f"rng_rank{rank}": torch.get_rng_state()}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    torch.set_rng_state(state[f"rng_rank{rank}"])
+    return step, epoch, next_step
+
+
+def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
+    """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer with its
+    added special tokens and a chat template, and crlft.json (template, conditions, inference condition),
+    which sample.py and eval.py read. Written beside its place and renamed when complete."""
+    tok = meta["tokenizer"]
+    tmp = path.with_name(f".tmp-{path.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    params = dict(model.named_parameters())
+    config = replace(model.config, bos_token_id=tok["bos_id"], eos_token_id=tok["special_tokens"][data.EOT])
+    write_hf_checkpoint(tmp, config, {n: p.shape for n, p in params.items()}, lambda n: params[n].full_tensor(),
+                        getattr(torch, cfg.export_dtype), write=rank == 0)  # every rank gathers, rank 0 writes
+    if rank == 0:
+        shutil.copyfile(Path(cfg.data) / "tokenizer.model", tmp / "tokenizer.model")
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, model.config.max_seq_len))
+        write_json(tmp / "crlft.json", {
+            "template": meta["template"], "inference_condition": meta["inference_condition"],
+            "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_sha256": tok["sha256"],
+            "dataset": str(Path(cfg.data).resolve()), "step": step})
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    dist.barrier()
+
+
+def tokenizer_config(meta: dict, max_len: int) -> dict:
+    """For transformers' LlamaTokenizer: the special tokens after the base vocabulary and a chat template
+    that renders the conversation text of data.py's template at the inference condition."""
+    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for t, i in meta["tokenizer"]["special_tokens"].items()}
+    condition = meta["inference_condition"]
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% else %}"
+                "{{ '" + condition + " ' + ('User' if m['role'] == 'user' else 'Assistant') + ': ' + m['content'] }}"
+                "{% endif %}{{ '" + data.EOT + "' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '" + condition + " Assistant:' }}{% endif %}")
+    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": data.EOT, "unk_token": "<unk>",
+            "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": max_len,
+            "added_tokens_decoder": added, "chat_template": template}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. The loop
+
+
+def matmul_peak_flops(device) -> float:
+    """Measured bf16 matmul FLOP/s (PERF.md's MFU denominator); CPU runs report no MFU."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
+
+
+def step_flops(config: ModelConfig, lengths) -> float:
+    """6·N_matmul per token plus causal attention, 6·L·d per token and position seen (Σ len² / 2 · 2)."""
+    c = config
+    n_matmul = c.n_layers * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim) \
+        + c.dim * c.vocab_size
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return 6 * n_matmul * lengths.sum() + 6 * c.n_layers * c.n_heads * c.head_dim * (lengths ** 2).sum()
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def train(cfg: TrainConfig):
+    rank, world, device = setup_processes()
+    out = Path(cfg.out)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    meta, split = load_data(cfg.data)
+    classes = [s["condition"] or f"class {i}" for i, s in enumerate(meta["sources"])]
+    compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    # The whole run's plan, the same on every rank: each step's conversations and global weight sum.
+    plans = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
+    weight_of = np.add.reduceat(np.asarray(split.weights, dtype=np.float64), split.offsets)
+    supervised_of = np.add.reduceat(np.asarray(split.weights) != 0, split.offsets)
+    total_steps = sum(len(p) for p in plans)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    if not total_steps:
+        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} streams")
+    supervised_per_step = sum(supervised_of[b].sum() for p in plans for s in p for b in s) / sum(map(len, plans))
+    peak_lr = cfg.lr or 3e-4 * math.sqrt(supervised_per_step / 4e6) * cfg.lr_scale  # SPEC §6
+
+    mesh = init_device_mesh(device.type, (world,))
+    model = build_model(cfg, meta, mesh, device, compute_dtype)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    step, epoch, next_step = 0, 0, 0
+    if cfg.resume:
+        checkpoints = complete_checkpoints(out)
+        if not checkpoints:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        step, epoch, next_step = load_checkpoint(model, optimizer, checkpoints[-1], cfg, rank)
+        log(f"resumed from {checkpoints[-1]}: step {step}, epoch {epoch + 1}")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(cfg))
+    log(f"{world} rank(s) on {device.type}, {compute_dtype}; {len(split.lengths):,} conversations; "
+        f"{total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
+        f"({supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")
+
+    peak_flops = matmul_peak_flops(device)
+    window = {"stats": torch.zeros(len(classes), 3, dtype=torch.float64, device=device), "tokens": 0,
+              "supervised": 0, "flops": 0.0, "steps": 0, "start": time.perf_counter()}
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    run_start, run_start_step, last_export = time.perf_counter(), step, None
+    while step < total_steps:
+        plan = plans[epoch]
+        if next_step >= len(plan):  # the epoch is over
+            epoch, next_step = epoch + 1, 0
+            continue
+        bins = plan[next_step]
+        lr = learning_rate(step, total_steps, peak_lr, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+        weight_sum = float(sum(weight_of[b].sum() for b in bins))
+        stats, losses = forward_backward(model, [make_batch(split, b, device) for b in mine], weight_sum,
+                                         len(classes))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if not torch.isfinite(grad_norm):  # one host sync per step: no update from a non-finite loss
+            bad = [b for b, loss in zip(mine, losses.tolist()) if not math.isfinite(loss)]
+            raise FloatingPointError(
+                f"non-finite loss at step {step + 1} (epoch {epoch + 1}, step {next_step + 1} of the epoch)"
+                + (f"; rank {rank}'s micro-batch of conversations {bad}" if bad else "")
+                + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then "
+                "--resume")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, next_step = step + 1, next_step + 1
+
+        all_lengths = split.lengths[[i for b in bins for i in b]]
+        window["stats"] += stats
+        window["tokens"] += int(all_lengths.sum())
+        window["supervised"] += int(sum(supervised_of[b].sum() for b in bins))
+        window["flops"] += step_flops(model.config, all_lengths)
+        window["steps"] += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device,
+                    (time.perf_counter() - run_start) / (step - run_start_step), metrics, log)
+        epoch_done = next_step == len(plan)
+        if (cfg.save_every and step % cfg.save_every == 0) or epoch_done or step == total_steps:
+            save_checkpoint(model, optimizer, out, step, epoch, next_step, cfg, rank)
+        if epoch_done or step == total_steps:
+            last_export = out / "exports" / (f"epoch-{epoch + 1}" if epoch_done else f"step-{step}")
+            export(model, meta, cfg, last_export, step, rank)
+    log(f"\ndone: {step} steps in {time.perf_counter() - run_start:.0f}s. The model: {last_export}\n"
+        f"  sample:   python sample.py --checkpoint {last_export}\n"
+        f"  evaluate: python eval.py demo --checkpoint {last_export}")
+    dist.destroy_process_group()
+    return last_export
+
+
+def log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device, seconds_per_step,
+            metrics, log):
+    stats = window["stats"].clone()
+    dist.all_reduce(stats)  # the logged figures cover every rank
+    elapsed = time.perf_counter() - window["start"]
+    ce, correct, weight = stats.sum(0).tolist()
+    row = {
+        "step": step, "epoch": epoch + 1, "lr": lr, "loss": ce / weight, "accuracy": correct / weight,
+        "loss_per_class": {c: (s[0] / s[2] if s[2] else None) for c, s in zip(classes, stats.tolist())},
+        "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
+        "supervised_tokens_per_s": window["supervised"] / elapsed,
+        "mfu": window["flops"] / elapsed / peak_flops / dist.get_world_size() if peak_flops else None,
+        "peak_memory_gib": peak_memory_gib(device), "eta_s": (total_steps - step) * seconds_per_step,
+    }
+    per_class = ", ".join(f"{c} {v:.3f}" for c, v in row["loss_per_class"].items() if v is not None)
+    log(f"step {step}/{total_steps} | epoch {row['epoch']} | lr {lr:.2e} | loss {row['loss']:.4f} ({per_class}) | "
+        f"acc {row['accuracy']:.1%} | grad {row['grad_norm']:.2f} | {row['tokens_per_s']:,.0f} tok/s "
+        f"({row['supervised_tokens_per_s']:,.0f} supervised) | "
+        + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
+        + f"mem {row['peak_memory_gib']:.2f} GiB | ETA {row['eta_s']:.0f}s", flush=True)
+    if metrics:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    window.update(stats=torch.zeros_like(window["stats"]), tokens=0, supervised=0, flops=0.0, steps=0,
+                  start=time.perf_counter())
+
+
+def main(argv):
+    cfg = load_config(argv)
+    if not cfg.data:
+        raise SystemExit(f"--data is required with --preset={cfg.preset}")
+    demo_data = cfg.preset == "demo" and cfg.data == TrainConfig.data
+    if demo_data and not Path(cfg.data, "meta.json").exists() and "RANK" not in os.environ:
+        from demo import DemoConfig, make_demo
+        print(f"{cfg.data} is missing: making the demo data first", flush=True)
+        make_demo(DemoConfig(out=str(Path(cfg.data).parent)))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
