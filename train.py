@@ -100,7 +100,7 @@ def load_config(argv) -> TrainConfig:
 # 2. Processes and parallelism
 
 
-def setup_processes() -> tuple[int, int, torch.device]:
+def setup_processes():
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one, with a
     process group all the same, so that one code path (FSDP2) serves both. NCCL on CUDA, gloo on CPU."""
     cuda = torch.cuda.is_available()
@@ -112,7 +112,6 @@ def setup_processes() -> tuple[int, int, torch.device]:
         dist.init_process_group(backend, device_id=device if cuda else None)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
@@ -128,10 +127,11 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global weight
-    # sum, so the ranks' gradients must be summed to give ∇L (SPEC §2).
+    # sum, so the ranks' gradients must be summed to give ∇L (SPEC §2). A plain SUM (gloo has no PreMulSum).
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_ste
              f"rng_rank{rank}": torch.get_rng_state()}
     try:
         dcp.save(state, checkpoint_id=tmp)
-    except Exception as e:  # e.g. a full disk: the previous checkpoints are untouched
+    except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk: the earlier ones are untouched
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are intact") from e
@@ -374,7 +374,8 @@ def tokenizer_config(meta: dict, max_len: int) -> dict:
                 "{% endif %}{{ '" + data.EOT + "' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '" + condition + " Assistant:' }}{% endif %}")
     return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": data.EOT, "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": max_len,
+            "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
+            "legacy": True,  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
             "added_tokens_decoder": added, "chat_template": template}
 
 
@@ -413,7 +414,9 @@ def peak_memory_gib(device) -> float:
 
 
 def train(cfg: TrainConfig):
-    rank, world, device = setup_processes()
+    """The whole run in an initialised process group; returns the model and its last export."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     out = Path(cfg.out)
     log = print if rank == 0 else (lambda *a, **k: None)
     meta, split = load_data(cfg.data)
@@ -503,8 +506,7 @@ def train(cfg: TrainConfig):
     log(f"\ndone: {step} steps in {time.perf_counter() - run_start:.0f}s. The model: {last_export}\n"
         f"  sample:   python sample.py --checkpoint {last_export}\n"
         f"  evaluate: python eval.py demo --checkpoint {last_export}")
-    dist.destroy_process_group()
-    return last_export
+    return model, last_export
 
 
 def log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device, seconds_per_step,
@@ -543,7 +545,11 @@ def main(argv):
         from demo import DemoConfig, make_demo
         print(f"{cfg.data} is missing: making the demo data first", flush=True)
         make_demo(DemoConfig(out=str(Path(cfg.data).parent)))
-    train(cfg)
+    setup_processes()
+    try:
+        train(cfg)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

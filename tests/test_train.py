@@ -1,0 +1,228 @@
+"""train.py in real processes (python and torchrun, gloo on CPU): the normalisation of SPEC §2 against a
+float64 computation, one process against two, interruption and resumption, exports, and the faults."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT
+from data import load_split
+from demo import DemoConfig, make_demo
+from model import ModelConfig, Transformer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The demo task, small: 240 conversations, about 12k tokens, two sources weighing 1.0 and 0.1."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, seed=1))
+    return out / "dataset"
+
+
+def run(args, world=1, check=True, preexec_fn=None, script="train.py"):
+    launcher = [sys.executable] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    result = subprocess.run(launcher + [str(ROOT / script)] + [str(a) for a in args], cwd=ROOT, text=True,
+                            capture_output=True, timeout=600, preexec_fn=preexec_fn)
+    if check:
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def small_run(dataset, out, *extra):
+    return ["--data", dataset, "--out", out, "--model=tiny", "--batch-max-len=512", "--lr=1e-3", "--log-every=1",
+            "--export-dtype=float32", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported(out):
+    [export] = sorted((out / "exports").iterdir(), key=lambda p: p.stat().st_mtime)[-1:]
+    return load_file(export / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The normalisation (SPEC §2)
+
+
+def test_two_micro_batches_of_k_tokens_equal_one_batch_of_2k(dataset):
+    _, split = train.load_data(dataset)
+    first, second = [0, 1, 2, 3], [4, 5, 6]
+    weight_sum = float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in first + second))
+    grads = []
+    for batches in ([first, second], [first + second]):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=401))
+        train.forward_backward(model, [train.make_batch(split, b, torch.device("cpu")) for b in batches],
+                               weight_sum, n_classes=2)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_step_gradient_is_exactly_that_of_the_global_weighted_mean_across_ranks(dataset):
+    """Two ranks × two micro-batches with very different weight sums per rank, against ∇L in float64."""
+    result = run(["step", dataset], world=2, script="tests/train_worker.py")
+    assert result.stdout.count("normalisation identity holds") == 2
+
+
+def test_one_process_and_two_processes_train_alike(dataset, tmp_path):
+    """1 rank × 2 micro-batches and 2 ranks × 1 micro-batch see the same streams in every step."""
+    run(small_run(dataset, tmp_path / "one", "--grad-accum=2", "--max-steps=5"))
+    run(small_run(dataset, tmp_path / "two", "--grad-accum=1", "--max-steps=5"), world=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        for c in a["loss_per_class"]:
+            assert a["loss_per_class"][c] == pytest.approx(b["loss_per_class"][c], rel=1e-5)
+    weights_one, weights_two = exported(tmp_path / "one"), exported(tmp_path / "two")
+    for name in weights_one:
+        torch.testing.assert_close(weights_one[name], weights_two[name], rtol=0, atol=2e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and exports
+
+
+def test_a_killed_run_resumes_bit_identical_to_an_uninterrupted_one(dataset, tmp_path):
+    args = ["--epochs=4", "--save-every=2"]
+    run(small_run(dataset, tmp_path / "straight", *args))
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, small_run(dataset, out, *args))],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list((out / "checkpoints").glob("step-*")) and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    total = metrics(tmp_path / "straight")[-1]["step"]
+    assert killed_at < total, "the run should have been killed before its end"
+    partial = out / "checkpoints" / f".tmp-step-{killed_at + 2:08d}"  # as if killed while saving the next one
+    partial.mkdir(exist_ok=True)
+    (partial / "__0_0.distcp").write_bytes(b"half written")
+
+    resumed = run(small_run(dataset, out, *args, "--resume"))
+    assert f"resumed from {out / 'checkpoints'}/step-" in resumed.stdout
+    straight, interrupted = exported(tmp_path / "straight"), exported(out)
+    assert all(torch.equal(straight[n], interrupted[n]) for n in straight)  # bit-identical
+    after = {r["step"]: r["loss"] for r in metrics(out)}
+    assert all(after[r["step"]] == r["loss"] for r in metrics(tmp_path / "straight") if r["step"] > killed_at)
+
+
+def test_keep_last_keeps_only_the_newest_checkpoints(dataset, tmp_path):
+    run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=1", "--keep-last=2"))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000005", "step-00000006"]
+
+
+def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transformers(dataset, tmp_path):
+    result = run(["export", dataset, tmp_path], script="tests/train_worker.py")
+    assert "export matches" in result.stdout
+    export = tmp_path / "exports" / "step-3"
+    assert sorted(p.name for p in export.iterdir()) == ["config.json", "crlft.json", "model.safetensors",
+                                                       "tokenizer.model", "tokenizer_config.json"]
+    crlft = json.loads((export / "crlft.json").read_text())
+    assert crlft["inference_condition"] == "GPT4" and crlft["conditions"] == ["GPT3", "GPT4"]
+    assert json.loads((export / "config.json").read_text())["eos_token_id"] == 400  # <|end_of_turn|>
+
+
+def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path):
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_name("tiny", vocab_size=400)).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    result = run(["base", dataset, tmp_path], world=2, script="tests/train_worker.py")
+    assert result.stdout.count("base loaded") == 2
+
+
+def test_the_demo_config_overfits_a_small_batch(tmp_path):
+    make_demo(DemoConfig(out=str(tmp_path / "demo"), conversations=8, holdout_prompts=2, seed=2))
+    run(["--data", tmp_path / "demo" / "dataset", "--out", tmp_path / "run", "--epochs=150", "--lr=3e-3",
+         "--log-every=10"])
+    last = metrics(tmp_path / "run")[-1]
+    assert last["step"] == 150 and last["loss"] < 0.05 and last["accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input and faults
+
+
+def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
+    result = run(small_run(tmp_path / "nowhere", tmp_path / "out"), check=False)
+    assert result.returncode != 0 and "nowhere/meta.json is missing" in result.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for item in dataset.iterdir():
+        os.symlink(item, damaged / item.name)
+    (damaged / "train").unlink()
+    (damaged / "train").mkdir()
+    for item in (dataset / "train").iterdir():
+        os.symlink(item, damaged / "train" / item.name)
+    (damaged / "train" / "tokens.npy").unlink()
+    np.save(damaged / "train" / "tokens.npy", np.load(dataset / "train" / "tokens.npy")[:-5])
+    result = run(small_run(damaged, tmp_path / "out"), check=False)
+    assert result.returncode != 0 and "the arrays disagree" in result.stderr
+
+
+def test_a_base_that_does_not_match_the_tokenizer_is_refused(dataset, tmp_path):
+    Transformer(ModelConfig.from_name("tiny", vocab_size=500)).save_pretrained(tmp_path / "base")
+    result = run(small_run(dataset, tmp_path / "out", "--base", tmp_path / "base"), check=False)
+    assert result.returncode != 0
+    assert "has 500 vocabulary rows but the dataset's tokenizer has 400 pieces (+1 special)" in result.stderr
+
+
+def test_a_conversation_longer_than_batch_max_len_is_named(dataset, tmp_path):
+    result = run(small_run(dataset, tmp_path, "--batch-max-len=40"), check=False)
+    assert result.returncode != 0
+    assert "tokens, more than batch_max_len=40; raise --batch-max-len" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_batch(dataset, tmp_path):
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    for item in dataset.iterdir():
+        if item.name != "train":
+            os.symlink(item, poisoned / item.name)
+    (poisoned / "train").mkdir()
+    for item in (dataset / "train").iterdir():
+        if item.name != "weights.npy":
+            os.symlink(item, poisoned / "train" / item.name)
+    split = load_split(dataset)
+    weights = np.array(split.weights)
+    victim = 17
+    weights[split.offsets[victim] + split.lengths[victim] - 2] = np.nan  # an answer token of one conversation
+    np.save(poisoned / "train" / "weights.npy", weights)
+    result = run(small_run(poisoned, tmp_path / "out", "--save-every=1"), check=False)
+    assert result.returncode != 0 and "non-finite loss at step" in result.stderr
+    assert f"micro-batch of conversations [" in result.stderr and f" {victim}" in result.stderr.split("conversations")[-1]
+    steps_done = int(result.stderr.split("non-finite loss at step ")[1].split()[0]) - 1
+    saved = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert len(saved) == steps_done  # every completed step saved, nothing after the bad one
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_intact(dataset, tmp_path):
+    run(small_run(dataset, tmp_path, "--max-steps=4", "--save-every=2"))
+    before = sorted((tmp_path / "checkpoints").glob("step-*"))
+
+    def small_files():  # the kernel refuses to grow any file past 64 KiB, as a full disk would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    result = run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=2", "--resume"), check=False,
+                 preexec_fn=small_files)
+    assert result.returncode != 0
+    assert "saving checkpoint" in result.stderr and "the previous checkpoints are intact" in result.stderr
+    assert sorted((tmp_path / "checkpoints").glob("step-*")) == before
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=2", "--resume"))  # and it resumes
+    assert (tmp_path / "checkpoints" / "step-00000006").exists()

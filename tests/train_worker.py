@@ -1,0 +1,115 @@
+"""Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
+
+  train_worker.py step DATA      the gradient of one optimizer step equals ∇L of SPEC §2, in float64
+  train_worker.py base DATA BASE  a Hugging Face base read a slice per rank, new token rows at the mean
+  train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import train  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def step_identity(data_dir):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512, grad_accum=2)
+    meta, split = train.load_data(data_dir)
+    weight = lambda b: float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in b))  # noqa: E731
+
+    def rank_sums(bins):
+        return [sum(map(weight, bins[r * cfg.grad_accum:(r + 1) * cfg.grad_accum])) for r in range(world)]
+
+    # Of the first epoch's optimizer steps (world × 2 streams each), the one whose ranks differ most in Σ w.
+    bins = max(train.plan_epoch(split, cfg, world, epoch=0), key=lambda s: max(rank_sums(s)) / min(rank_sums(s)))
+    assert max(rank_sums(bins)) > 1.3 * min(rank_sums(bins)), "the ranks' weight sums should differ"
+    mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+
+    model = train.build_model(cfg, meta, init_device_mesh("cpu", (world,)), CPU, torch.float32)
+    n_classes = len(meta["sources"])
+    train.forward_backward(model, [train.make_batch(split, b, CPU) for b in mine], sum(map(weight, bins)), n_classes)
+
+    # SPEC §2 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
+    torch.manual_seed(cfg.seed)
+    reference = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"])).double()
+    numerator, denominator = 0, 0
+    for b in bins:
+        batch = train.make_batch(split, b, CPU)
+        logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
+        w = batch.weights.double()
+        numerator = numerator + (w * F.cross_entropy(logits, batch.targets, reduction="none")).sum()
+        denominator += w.sum().item()
+    (numerator / denominator).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    for name, p in reference.named_parameters():
+        err = relative_error(grads[name], p.grad)
+        assert err < 1e-5, f"{name}: gradient off by {err:.2e}"
+    print(f"rank {rank}: normalisation identity holds (rank weight sums {rank_sums(bins)})", flush=True)
+
+
+def base_loading(data_dir, base_dir):
+    cfg = train.TrainConfig(data=data_dir, base=base_dir)
+    meta, _ = train.load_data(data_dir)
+    model = train.build_model(cfg, meta, init_device_mesh("cpu", (dist.get_world_size(),)), CPU, torch.float32)
+    base = Transformer.from_pretrained(base_dir)
+    rows = base.config.vocab_size
+    assert model.config.vocab_size == meta["tokenizer"]["vocab_size"] > rows
+    loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
+    for name, p in base.named_parameters():
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(loaded[name][:rows], p)
+            mean = p.double().mean(0).float()
+            torch.testing.assert_close(loaded[name][rows:], mean.expand(len(loaded[name]) - rows, -1),
+                                       rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(loaded[name], p), name
+    print(f"rank {dist.get_rank()}: base loaded", flush=True)
+
+
+def export_logits(data_dir, out):
+    cfg = train.TrainConfig(data=data_dir, model="tiny", out=out, batch_max_len=512, max_steps=3, lr=1e-3,
+                            export_dtype="float32")
+    model, export = train.train(cfg)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = model(tokens)
+        loaded = Transformer.from_pretrained(export)(tokens)
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
+
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, trained, rtol=0, atol=1e-4)
+    # transformers' tokenizer and chat template give the very ids of data.py's template at inference.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    assert tokenizer.convert_tokens_to_ids("<|end_of_turn|>") == model.config.vocab_size - 1
+    turns = [("user", "Sort: 3, 12, 1"), ("assistant", "1, 3, 12"), ("user", "Now 9, 40")]
+    chat = [{"role": role, "content": text} for role, text in turns]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<s>GPT4 User: Sort: 3, 12, 1<|end_of_turn|>GPT4 Assistant: 1, 3, 12<|end_of_turn|>GPT4 User: Now 9, 40"
+        "<|end_of_turn|>GPT4 Assistant:")
+    ours = data.Tokenizer(Path(export) / "tokenizer.model", "openchat_v3.2")
+    expected, _ = data.tokenize_conversation(ours, [data.Message(r, t) for r, t in turns], "GPT4", inference=True)
+    assert tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
+    print("export matches", flush=True)
+
+
+if __name__ == "__main__":
+    train.setup_processes()
+    mode, *args = sys.argv[1:]
+    {"step": step_identity, "base": base_loading, "export": export_logits}[mode](*args)
+    dist.destroy_process_group()
