@@ -404,7 +404,8 @@ def matmul_peak_flops(device) -> float:
 
 
 def step_flops(config: ModelConfig, lengths) -> float:
-    """6·N_matmul per token plus causal attention, 6·L·d per token and position seen (Σ len² / 2 · 2)."""
+    """PERF.md's model FLOPs: 6·N_matmul per token, plus causal attention's 6·L·d·T per token of a
+    T-token conversation, forward and backward."""
     c = config
     n_matmul = c.n_layers * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim) \
         + c.dim * c.vocab_size
@@ -464,7 +465,7 @@ def train(cfg: TrainConfig):
 
     peak_flops = matmul_peak_flops(device)
     window = {"stats": torch.zeros(len(classes), 3, dtype=torch.float64, device=device), "tokens": 0,
-              "supervised": 0, "flops": 0.0, "steps": 0, "start": time.perf_counter()}
+              "supervised": 0, "flops": 0.0, "start": time.perf_counter()}
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     run_start, run_start_step, last_export = time.perf_counter(), step, None
     while step < total_steps:
@@ -498,7 +499,6 @@ def train(cfg: TrainConfig):
         window["tokens"] += int(all_lengths.sum())
         window["supervised"] += int(sum(supervised_of[b].sum() for b in bins))
         window["flops"] += step_flops(model.config, all_lengths)
-        window["steps"] += 1
         if step % cfg.log_every == 0 or step == total_steps:
             log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device,
                     (time.perf_counter() - run_start) / (step - run_start_step), metrics, log)
@@ -508,6 +508,8 @@ def train(cfg: TrainConfig):
         if epoch_done or step == total_steps:
             last_export = out / "exports" / (f"epoch-{epoch + 1}" if epoch_done else f"step-{step}")
             export(model, meta, cfg, last_export, step, rank)
+    if metrics:
+        metrics.close()
     log(f"\ndone: {step} steps in {time.perf_counter() - run_start:.0f}s. The model: {last_export}\n"
         f"  sample:   python sample.py --checkpoint {last_export}\n"
         f"  evaluate: python eval.py demo --checkpoint {last_export}")
@@ -537,7 +539,7 @@ def log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, pea
     if metrics:
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
-    window.update(stats=torch.zeros_like(window["stats"]), tokens=0, supervised=0, flops=0.0, steps=0,
+    window.update(stats=torch.zeros_like(window["stats"]), tokens=0, supervised=0, flops=0.0,
                   start=time.perf_counter())
 
 
