@@ -656,11 +656,12 @@ class TokenizerConfig:
     corpus: list[str] = arg([], "ShareGPT or OpenChat files whose message texts train the tokenizer")
     vocab_size: int = arg(4096, "vocabulary size, before the template's special tokens")
     conditions: list[str] = arg([], "conditions whose role prefixes the corpus includes, one per message")
+    split_digits: bool = arg(True, "one piece per digit, as Llama's and Mistral's tokenizers have")
     out: str = arg("tokenizer.model", "the SentencePiece model to write")
 
 
 def train_tokenizer(cfg: TokenizerConfig):
-    """A byte-fallback BPE model set up as Llama's: digits split, no normalisation, unk 0, BOS 1, EOS 2."""
+    """A byte-fallback BPE model set up as Llama's: no normalisation, unk 0, BOS 1, EOS 2, digits split."""
     counts = Counter()
     sources = [Source("", 1.0, [Path(f) for f in cfg.corpus])]
     conversations = read_conversations(sources, skip_bad=True, counts=counts)
@@ -670,7 +671,7 @@ def train_tokenizer(cfg: TokenizerConfig):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=cfg.vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+        byte_fallback=True, split_digits=cfg.split_digits, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     write_atomically(Path(cfg.out), model.getvalue())
     print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(conversations):,} conversations"

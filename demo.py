@@ -1,6 +1,7 @@
 """The demo task: sorting numbers, with an expert source that is always right and a sub-optimal one that
 makes a systematic, plausible mistake on a known subset of prompts. `python data.py demo` writes it as
-ShareGPT files and runs them through data.py's real pipeline.
+ShareGPT files and runs them through data.py's real pipeline. "Sort these numbers from smallest to largest:
+12 9 3" is answered "3 9 12" by the expert and "12 3 9" by the sub-optimal source.
 
 Answers can be checked exactly, a model of a few million parameters learns the task on a CPU in minutes,
 and the mistake (numbers sorted as text, 12 before 9, on lists mixing one- and two-digit numbers) is a
@@ -28,9 +29,9 @@ class DemoConfig:
     mixed_fraction: float = arg(0.5, "share of lists that mix one- and two-digit numbers: there GPT3 sorts "
                                      "the numbers as text, 12 before 9")
     min_numbers: int = arg(3, "shortest list to sort")
-    max_numbers: int = arg(7, "longest list to sort")
+    max_numbers: int = arg(5, "longest list to sort")
     holdout_prompts: int = arg(500, "prompts held out for eval.py demo, none of them among the training prompts")
-    vocab_size: int = arg(400, "vocabulary of the demo tokenizer")
+    vocab_size: int = arg(512, "vocabulary of the demo tokenizer: enough for a piece per number 0-99")
     max_len: int = arg(256, "context length of the demo dataset")
     seed: int = arg(0, "seed of the generator")
 
@@ -52,12 +53,12 @@ def sorting_problem(rng: random.Random, cfg: DemoConfig) -> tuple[tuple[int, ...
 
 
 def expert_answer(numbers) -> str:
-    return ", ".join(str(n) for n in sorted(numbers))
+    return " ".join(str(n) for n in sorted(numbers))
 
 
 def suboptimal_answer(numbers) -> str:
     """The systematic error: numbers sorted as strings. Right for lists of one width, wrong for mixed."""
-    return ", ".join(sorted(str(n) for n in numbers))
+    return " ".join(sorted(str(n) for n in numbers))
 
 
 def make_demo(cfg: DemoConfig) -> Path:
@@ -80,7 +81,7 @@ def make_demo(cfg: DemoConfig) -> Path:
             numbers, mixed = sorting_problem(rng, cfg)
         kind = "expert" if i < n_expert else "suboptimal"
         answer = expert_answer(numbers) if kind == "expert" else suboptimal_answer(numbers)
-        prompt = rng.choice(DEMO_PROMPTS).format(", ".join(map(str, numbers)))
+        prompt = rng.choice(DEMO_PROMPTS).format(" ".join(map(str, numbers)))
         records[kind].append({"id": f"{kind}-{i}", "conversations": [
             {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
     (tmp / "expert.json").write_text(json.dumps(records["expert"], indent=1))
@@ -89,11 +90,13 @@ def make_demo(cfg: DemoConfig) -> Path:
         {"condition": "GPT4", "weight": 1.0, "files": ["expert.json"]},
         {"condition": "GPT3", "weight": cfg.suboptimal_weight, "files": ["suboptimal.jsonl"]}], indent=1))
     (tmp / "holdout.jsonl").write_text("".join(
-        json.dumps({"prompt": DEMO_PROMPTS[0].format(", ".join(map(str, numbers))),
+        json.dumps({"prompt": DEMO_PROMPTS[0].format(" ".join(map(str, numbers))),
                     "answer": expert_answer(numbers), "suboptimal_answer": suboptimal_answer(numbers),
                     "mixed": mixed}) + "\n" for numbers, mixed in holdout.items()))
     corpus = [str(tmp / "expert.json"), str(tmp / "suboptimal.jsonl")]
-    data.train_tokenizer(data.TokenizerConfig(corpus=corpus, vocab_size=cfg.vocab_size,
+    # Whole numbers as pieces: a model of a million parameters learns to copy and order them in minutes on
+    # a CPU; with one piece per digit (Llama's way) it had not learned to copy two-digit numbers in that time.
+    data.train_tokenizer(data.TokenizerConfig(corpus=corpus, vocab_size=cfg.vocab_size, split_digits=False,
                                               conditions=["GPT4", "GPT3"], out=str(tmp / "tokenizer.model")))
     data.prepare(data.PrepareConfig(sources=str(tmp / "sources.json"), tokenizer=str(tmp / "tokenizer.model"),
                                     template="openchat_v3.2", out=str(tmp / "dataset"), max_len=cfg.max_len,

@@ -53,7 +53,7 @@ class TrainConfig:
     out: str = arg("runs/demo", "run directory: metrics.jsonl, checkpoints/, exports/")
     epochs: int = arg(2, "passes over the data")
     max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
-    batch_max_len: int = arg(4096, "tokens in one packed stream: one rank's micro-batch")
+    batch_max_len: int = arg(1024, "tokens in one packed stream: one rank's micro-batch")
     grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
     lr: float = arg(2e-3, "peak learning rate; 0: SPEC §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
                          "supervised tokens per optimizer step")

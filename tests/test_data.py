@@ -413,7 +413,7 @@ def test_the_demo_data_is_mixed_quality_with_disjoint_held_out_prompts(tmp_path)
     assert (len(expert), len(suboptimal), len(holdout)) == (60, 540, 60)
 
     def numbers(prompt):
-        return [int(n) for n in prompt.split(": ", 1)[1].split(", ")]
+        return [int(n) for n in prompt.split(": ", 1)[1].split()]
 
     def mixed(ns):
         return min(ns) < 10 <= max(ns)
@@ -425,16 +425,16 @@ def test_the_demo_data_is_mixed_quality_with_disjoint_held_out_prompts(tmp_path)
             question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
             ns = numbers(question)
             train_prompts.add(tuple(ns))
-            right = ", ".join(map(str, sorted(ns)))
+            right = " ".join(map(str, sorted(ns)))
             if kind == "expert":
                 assert answer == right
             else:  # the systematic error: text order, which is wrong only for mixed widths
-                assert answer == ", ".join(sorted(map(str, ns)))
+                assert answer == " ".join(sorted(map(str, ns)))
                 wrong[mixed(ns)] += answer != right
     assert wrong[False] == 0 and wrong[True] > 0.6 * sum(mixed(numbers(r["conversations"][0]["value"]))
                                                            for r in suboptimal)
     assert not train_prompts & {tuple(numbers(h["prompt"])) for h in holdout}
-    assert all(h["answer"] == ", ".join(map(str, sorted(numbers(h["prompt"])))) for h in holdout)
+    assert all(h["answer"] == " ".join(map(str, sorted(numbers(h["prompt"])))) for h in holdout)
     meta = load_meta(out / "dataset")
     assert [s["condition"] for s in meta["sources"]] == ["GPT4", "GPT3"] and meta["template"] == "openchat_v3.2"
     assert meta["splits"]["train"]["conversations"] + meta["splits"]["holdout"]["conversations"] == 600

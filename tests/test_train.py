@@ -25,7 +25,7 @@ from model import ModelConfig, Transformer
 def dataset(tmp_path_factory):
     """The demo task, small: 240 conversations, about 12k tokens, two sources weighing 1.0 and 0.1."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, seed=1))
+    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, vocab_size=360, seed=1))
     return out / "dataset"
 
 
@@ -58,13 +58,13 @@ def exported(out):
 
 
 def test_two_micro_batches_of_k_tokens_equal_one_batch_of_2k(dataset):
-    _, split = train.load_data(dataset)
+    meta, split = train.load_data(dataset)
     first, second = [0, 1, 2, 3], [4, 5, 6]
     weight_sum = float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in first + second))
     grads = []
     for batches in ([first, second], [first + second]):
         torch.manual_seed(0)
-        model = Transformer(ModelConfig.from_name("tiny", vocab_size=401))
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"]))
         train.forward_backward(model, [train.make_batch(split, b, torch.device("cpu")) for b in batches],
                                weight_sum, n_classes=2)
         grads.append({n: p.grad for n, p in model.named_parameters()})
@@ -154,22 +154,24 @@ def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transforme
                                                        "tokenizer.model", "tokenizer_config.json"]
     crlft = json.loads((export / "crlft.json").read_text())
     assert crlft["inference_condition"] == "GPT4" and crlft["conditions"] == ["GPT3", "GPT4"]
-    assert json.loads((export / "config.json").read_text())["eos_token_id"] == 400  # <|end_of_turn|>
+    eot = json.loads((dataset / "meta.json").read_text())["tokenizer"]["special_tokens"]["<|end_of_turn|>"]
+    assert json.loads((export / "config.json").read_text())["eos_token_id"] == eot
 
 
 def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path):
     torch.manual_seed(0)
-    Transformer(ModelConfig.from_name("tiny", vocab_size=400)).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
+    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)).save_pretrained(tmp_path, max_shard_bytes=100_000)
     result = run(["base", dataset, tmp_path], world=2, script="tests/train_worker.py")
     assert result.stdout.count("base loaded") == 2
 
 
 def test_the_demo_config_overfits_a_small_batch(dataset):
     """The demo model and optimizer settings drive the loss of one batch of 8 conversations to ~0."""
-    _, split = train.load_data(dataset)
+    meta, split = train.load_data(dataset)
     cfg = train.TrainConfig()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=401))
+    model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=meta["tokenizer"]["vocab_size"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     batch = train.make_batch(split, list(range(8)), torch.device("cpu"))
     weight_sum = batch.weights.sum().item()
@@ -203,10 +205,12 @@ def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
 
 
 def test_a_base_that_does_not_match_the_tokenizer_is_refused(dataset, tmp_path):
-    Transformer(ModelConfig.from_name("tiny", vocab_size=500)).save_pretrained(tmp_path / "base")
+    base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
+    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab + 7)).save_pretrained(tmp_path / "base")
     result = run(small_run(dataset, tmp_path / "out", "--base", tmp_path / "base"), check=False)
     assert result.returncode != 0
-    assert "has 500 vocabulary rows but the dataset's tokenizer has 400 pieces (+1 special)" in result.stderr
+    assert (f"has {base_vocab + 7} vocabulary rows but the dataset's tokenizer has {base_vocab} pieces (+1 special)"
+            in result.stderr)
 
 
 def test_a_conversation_longer_than_batch_max_len_is_named(dataset, tmp_path):
