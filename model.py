@@ -293,14 +293,16 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len or self.config.max_seq_len,
                                                self.config.n_kv_heads, self.config.head_dim, p.dtype, p.device)
 
-    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, targets=None, weights=None):
+    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, targets=None, weights=None,
+                supervised=None):
         """Three uses of one forward:
         - padded batch: tokens [B, T], each row one sequence starting at position 0 → logits [B, T, V];
         - packed stream: tokens [N], positions [N] restarting at 0 for each conversation, cu_seqlens
           (int32 [S+1], the conversation boundaries), optionally max_seqlen → logits [N, V];
         - decoding after setup_kv_cache: tokens [B, T] at positions [B, T] → logits [B, T, V].
         With targets and weights (the shape of tokens), return instead the fused loss (Σ w·CE, and per
-        token CE and [argmax = target], flat [N]): the [N, V] logits are never materialised."""
+        token CE and [argmax = target], flat [N]): the [N, V] logits are never materialised. `supervised`:
+        the flat indices of the tokens with w ≠ 0, if known, which spares the loss a host sync."""
         packed = tokens.dim() == 1
         if packed:
             if positions is None or cu_seqlens is None:
@@ -319,7 +321,7 @@ class Transformer(nn.Module):
         # The output weight is read here, inside the forward of the module that owns it: under FSDP2 it is
         # the gathered (unsharded) parameter at this point, and its gradient flows back through autograd.
         return fused_weighted_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                            weights.flatten())
+                                            weights.flatten(), supervised)
 
     def attention_inputs(self, positions, dtype, cu_seqlens, max_seqlen) -> AttentionInputs:
         angles = positions.float()[..., None] * rope_inv_freq(self.config, positions.device)  # [B, T, hd/2]
@@ -418,10 +420,10 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
     exist only there) and handed to autograd in backward, scaled by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, need_grad, chunk_tokens):
-        # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float
+    def forward(ctx, hidden, weight, targets, weights, kept, need_grad, chunk_tokens):
+        # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float, kept: the
+        # indices of the tokens with w ≠ 0, the only ones computed
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
-        kept = weights.nonzero().squeeze(1)  # the supervised tokens; the others cost nothing (a host sync)
         ce = torch.zeros(len(hidden), dtype=cdt, device=hidden.device)
         correct = torch.zeros(len(hidden), dtype=cdt, device=hidden.device)
         if need_grad:
@@ -459,18 +461,22 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
         # In place: the saved gradients are used once (a second backward is refused by autograd).
         grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=CHUNK_TOKENS):
+def fused_weighted_cross_entropy(hidden, weight, targets, weights, supervised=None, chunk_tokens=CHUNK_TOKENS):
     """Σ w·CE of the logits hidden @ weight.T without materialising them, and per token [N] its CE and
     [argmax = target] (0 where w = 0), all in float32 (float64 for float64 inputs). hidden [N, H] and
     weight [V, H] share a dtype; targets [N] int; weights [N] ≥ 0, zero for every token that is not
-    supervised (its target is never read). Only the sum is differentiable."""
+    supervised (its target is never read). Only the sum is differentiable. supervised: the indices of the
+    tokens with w ≠ 0 when the caller knows them (train.py does, from the data); finding them here is a
+    host sync, as the number of chunks depends on it."""
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}")
+    if supervised is None:
+        supervised = weights.nonzero().squeeze(1)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return FusedWeightedCrossEntropy.apply(hidden, weight, targets, weights, need_grad, chunk_tokens)
+    return FusedWeightedCrossEntropy.apply(hidden, weight, targets, weights, supervised, need_grad, chunk_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -226,6 +226,7 @@ class Batch:
     targets: torch.Tensor
     weights: torch.Tensor
     classes: torch.Tensor
+    supervised: torch.Tensor  # indices of the tokens with weight ≠ 0: the loss needs no host sync to find them
 
 
 def load_data(path) -> tuple[dict, data.Split]:
@@ -253,11 +254,16 @@ def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int)
 
 
 def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
+    """The stream's arrays on the device: pinned and copied asynchronously on a GPU (no host sync)."""
     s = data.pack_stream(split, conversations)
-    to = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)  # noqa: E731
+
+    def to(array, dtype):
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
     return Batch(to(s["tokens"], torch.long), to(s["positions"], torch.long), to(s["cu_seqlens"], torch.int32),
                  int(np.diff(s["cu_seqlens"]).max()), to(s["targets"], torch.long), to(s["weights"], torch.float32),
-                 to(s["classes"], torch.long))
+                 to(s["classes"], torch.long), to(np.flatnonzero(s["weights"]), torch.long))
 
 
 def auto_lr(supervised_tokens_per_step: float, scale: float = 1.0) -> float:
@@ -287,7 +293,8 @@ def forward_backward(model, batches: list[Batch], weight_sum: float, n_classes: 
     stats = torch.zeros(n_classes, 3, dtype=torch.float64, device=batches[0].tokens.device)
     losses = []
     for b in batches:
-        loss_sum, ce, correct = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, b.targets, b.weights)
+        loss_sum, ce, correct = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, b.targets, b.weights,
+                                      b.supervised)
         (loss_sum / weight_sum).backward()
         per_token = torch.stack([b.weights * ce.float(), b.weights * correct.float(), b.weights], dim=1)
         stats.index_add_(0, b.classes, per_token.double())

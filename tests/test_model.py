@@ -98,8 +98,15 @@ def test_fused_loss_never_reads_the_targets_of_unsupervised_tokens():
     hidden, weight, targets, weights = loss_case("mixed", torch.float32)
     garbage = targets.clone()
     garbage[weights == 0] = -1  # gather would fail on it
-    for a, b in zip(fused_weighted_cross_entropy(hidden, weight, garbage, weights, 8),
-                    fused_weighted_cross_entropy(hidden, weight, targets, weights, 8)):
+    for a, b in zip(fused_weighted_cross_entropy(hidden, weight, garbage, weights, chunk_tokens=8),
+                    fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=8)):
+        assert torch.equal(a, b)
+
+
+def test_fused_loss_with_the_supervised_indices_given_gives_the_same_values():
+    hidden, weight, targets, weights = loss_case("mixed", torch.float32)
+    given = fused_weighted_cross_entropy(hidden, weight, targets, weights, weights.nonzero().squeeze(1), 8)
+    for a, b in zip(given, fused_weighted_cross_entropy(hidden, weight, targets, weights, chunk_tokens=8)):
         assert torch.equal(a, b)
 
 
@@ -107,8 +114,8 @@ def test_fused_loss_without_gradients_gives_the_same_values():
     hidden, weight, targets, weights = loss_case("mixed", torch.float32)
     W = weight.clone().requires_grad_()
     with torch.no_grad():
-        without = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
-    with_grad = fused_weighted_cross_entropy(hidden, W, targets, weights, 8)
+        without = fused_weighted_cross_entropy(hidden, W, targets, weights, chunk_tokens=8)
+    with_grad = fused_weighted_cross_entropy(hidden, W, targets, weights, chunk_tokens=8)
     for a, b in zip(without, with_grad):
         assert torch.equal(a, b)
 
