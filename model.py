@@ -360,9 +360,10 @@ class Transformer(nn.Module):
         model.to_empty(device=device)
         params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
         loaded = set()
+        shapes = {n: p.shape for n, p in params.items()}
         with torch.no_grad():
             for file, hf_name, f in iter_checkpoint(path):
-                name = checked_parameter_name(file, hf_name, f, {n: p.shape for n, p in params.items()}, config)
+                name = checked_parameter_name(file, hf_name, f, shapes, config)
                 if name is not None:
                     params[name].copy_(f.get_tensor(hf_name))
                     loaded.add(name)

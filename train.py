@@ -182,18 +182,18 @@ def shard_rows(param) -> tuple[int, int]:
     rows, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
     chunk = -(-rows // world)
     start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
-    if stop - start != param.to_local().shape[0]:
-        raise RuntimeError(f"unexpected FSDP sharding: {stop - start} rows computed, {param.to_local().shape[0]} held")
+    held = param.to_local().shape[0]
+    if stop - start != held:
+        raise RuntimeError(f"unexpected FSDP sharding: {stop - start} rows computed, {held} held")
     return start, stop
 
 
 @torch.no_grad()
 def load_base_rows(model: Transformer, base: Path, base_rows: int):
     params = dict(model.named_parameters())
-    loaded = set()
+    shapes, loaded = {n: p.shape for n, p in params.items()}, set()
     for file, hf_name, f in iter_checkpoint(base):
-        name = checked_parameter_name(file, hf_name, f, {n: p.shape for n, p in params.items()}, model.config,
-                                      rows=base_rows)
+        name = checked_parameter_name(file, hf_name, f, shapes, model.config, rows=base_rows)
         if name is None:
             continue
         start, stop = shard_rows(params[name])
@@ -235,8 +235,8 @@ def load_data(path) -> tuple[dict, data.Split]:
     n = len(split.lengths)
     if not n:
         raise ValueError(f"{path}: the train split has no conversations")
-    if (len(split.offsets), len(split.classes)) != (n, n) or split.offsets[-1] + split.lengths[-1] != len(split.tokens) \
-            or len(split.weights) != len(split.tokens):
+    ends = int(split.offsets[-1] + split.lengths[-1])
+    if (len(split.offsets), len(split.classes)) != (n, n) or len({ends, len(split.tokens), len(split.weights)}) > 1:
         raise ValueError(f"{path}/train: the arrays disagree (offsets, lengths, tokens, weights): the dataset "
                          f"directory is damaged; prepare it again")
     if split.classes.max() >= len(meta["sources"]):
@@ -491,10 +491,11 @@ def train(cfg: TrainConfig):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         if not torch.isfinite(grad_norm):  # one host sync per step: no update from a non-finite loss
-            bad = [b for b, loss in zip(mine, losses.tolist()) if not math.isfinite(loss)]
+            bad = [f"micro-batch {i + 1} (conversations {b})" for i, (b, loss) in enumerate(zip(mine, losses.tolist()))
+                   if not math.isfinite(loss)]
             raise FloatingPointError(
                 f"non-finite loss at step {step + 1} (epoch {epoch + 1}, step {next_step + 1} of the epoch)"
-                + (f"; rank {rank}'s micro-batch of conversations {bad}" if bad else "")
+                + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
                 + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then "
                 "--resume")
         optimizer.step()

@@ -236,7 +236,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_batch(dataset, 
     np.save(poisoned / "train" / "weights.npy", weights)
     result = run(small_run(poisoned, tmp_path / "out", "--save-every=1"), check=False)
     assert result.returncode != 0 and "non-finite loss at step" in result.stderr
-    assert "micro-batch of conversations [" in result.stderr and f" {victim}" in result.stderr.split("conversations")[-1]
+    named = result.stderr.split("micro-batch 1 (conversations [")[1].split("]")[0]
+    assert victim in [int(i) for i in named.split(",")]
     steps_done = int(result.stderr.split("non-finite loss at step ")[1].split()[0]) - 1
     saved = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
     assert len(saved) == steps_done  # every completed step saved, nothing after the bad one
