@@ -306,6 +306,10 @@ def forward_backward(model, batches: list[Batch], weight_sum: float, n_classes: 
 # 6. Checkpoints and exports
 
 
+# DCP with no_dist for a world of one: the same files, without the collectives that, on torch 2.13 with
+# gloo, left every later training step about twice as slow on our 2-core CPU (cause not found).
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoints are written to .tmp-step-N and renamed to step-N when every rank has finished: a run
     killed while saving leaves only a .tmp directory, which is never resumed from."""
@@ -323,7 +327,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_ste
              "progress": torch.tensor([step, epoch, next_step, dist.get_world_size(), cfg.grad_accum]),
              f"rng_rank{rank}": torch.get_rng_state()}
     try:
-        dcp.save(state, checkpoint_id=tmp)
+        dcp.save(state, checkpoint_id=tmp, no_dist=dist.get_world_size() == 1)
     except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk: the earlier ones are untouched
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -339,13 +343,13 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_ste
 
 def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -> tuple[int, int, int]:
     progress = {"progress": torch.zeros(5, dtype=torch.long)}
-    dcp.load(progress, checkpoint_id=path)
+    dcp.load(progress, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
     step, epoch, next_step, world, grad_accum = progress["progress"].tolist()
     if (world, grad_accum) != (dist.get_world_size(), cfg.grad_accum):  # the data plan depends on both
         raise ValueError(f"{path} was saved by {world} ranks with --grad-accum={grad_accum}; resume with the same")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state, f"rng_rank{rank}": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(state[f"rng_rank{rank}"])
     return step, epoch, next_step
