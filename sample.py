@@ -1,0 +1,397 @@
+"""Talk to a trained model: a chat in the terminal, one answer, a file of prompts, or an OpenAI-compatible
+HTTP endpoint. Prompts are built by data.py's tokenize_conversation in inference mode, the very template
+of training, at the checkpoint's inference condition (the expert's, SPEC §1) unless told otherwise.
+
+  python sample.py --checkpoint runs/demo/exports/epoch-2                          # chat
+  python sample.py --checkpoint DIR --prompt "Sort these numbers from smallest to largest: 12 9 3"
+  python sample.py --checkpoint DIR --input questions.jsonl --output answers.jsonl
+  python sample.py --checkpoint DIR --serve --port 8000                            # POST /v1/chat/completions
+
+Read top to bottom: the Generator (a loaded export, a static KV cache, batched decoding and sampling),
+then the four ways to use it.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+import data
+from cli import arg, parse
+from model import Transformer, read_json
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = arg("", "an export folder written by train.py (config.json, safetensors, crlft.json)")
+    condition: str = arg("", "condition of the answers; empty: the checkpoint's inference condition")
+    system: str = arg("", "system prompt")
+    temperature: float = arg(0.0, "sampling temperature; 0: greedy")
+    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    top_k: int = arg(0, "keep only the k most likely tokens (0: all)")
+    max_new_tokens: int = arg(256, "longest answer in tokens")
+    seed: int = arg(0, "seed of the sampling")
+    prompt: str = arg("", "answer this one prompt and exit")
+    input: str = arg("", "JSONL of prompts ({\"prompt\"} or {\"messages\"}, optional \"condition\", \"system\")")
+    output: str = arg("", "JSONL to write the answers to, with --input")
+    batch_size: int = arg(32, "prompts decoded together with --input")
+    serve: bool = arg(False, "serve the OpenAI chat completions API")
+    host: str = arg("127.0.0.1", "address to serve on")
+    port: int = arg(8000, "port to serve on")
+    device: str = arg("auto", "cuda or cpu; auto: cuda when there is one")
+    compile: bool = arg(False, "compile the one-token decoding step (CUDA graphs on a GPU)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generator
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str
+    finish_reason: str  # "stop" (end of turn) or "length"
+    prompt_tokens: int
+
+
+class Generator:
+    """A loaded export: the model, its tokenizer and template, and a static KV cache reused across calls."""
+
+    def __init__(self, checkpoint, device="auto", compile=False):
+        path = Path(checkpoint)
+        self.meta = read_json(path / "crlft.json")
+        self.tokenizer = data.Tokenizer(path / "tokenizer.model", self.meta["template"])
+        if self.tokenizer.sha256 != self.meta["tokenizer_sha256"]:
+            raise ValueError(f"{path}/tokenizer.model is not the tokenizer the model was trained with (crlft.json)")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = Transformer.from_pretrained(path, device=self.device, dtype=dtype).eval()
+        if self.model.config.vocab_size != self.tokenizer.vocab_size:
+            raise ValueError(f"{path}: the model has {self.model.config.vocab_size} rows, the tokenizer "
+                             f"{self.tokenizer.vocab_size} tokens")
+        self.name = path.resolve().name
+        self.cache_shape = (0, 0)
+        # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a CUDA graph.
+        self.decode = (torch.compile(self.model, mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                     fullgraph=True) if compile else self.model)
+
+    def prompt_ids(self, messages: list[data.Message], condition: str | None = None, system: str | None = None):
+        """The ids the model answers from: the training template up to the assistant prefix."""
+        condition = self.meta["inference_condition"] if condition is None else condition
+        return data.tokenize_conversation(self.tokenizer, messages, condition, system or None, inference=True)[0]
+
+    def ensure_cache(self, batch_size: int, length: int):
+        """A cache at least this large; kept while it is, so that compiled steps see the same buffers."""
+        if batch_size > self.cache_shape[0] or length > self.cache_shape[1]:
+            self.cache_shape = (max(batch_size, self.cache_shape[0]), max(length, self.cache_shape[1]))
+            self.model.setup_kv_cache(*self.cache_shape)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+                 on_token=None) -> list[Completion]:
+        """Decodes the prompts together: one prefill of the right-padded batch, then one token per row per
+        step at that row's own position in the KV cache. on_token(row, token) is called as tokens come."""
+        max_len = self.model.config.max_seq_len
+        lengths = [len(p) for p in prompts]
+        if max(lengths) >= max_len:
+            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the context of {max_len}")
+        budget = [min(max_new_tokens, max_len - n) for n in lengths]
+        self.ensure_cache(len(prompts), min(max_len, max(n + b for n, b in zip(lengths, budget))))
+        batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            batch[row, :len(p)] = torch.tensor(p)
+        logits = self.model(batch.to(self.device))  # prefill; the padding's cache slots are overwritten later
+        rows = torch.arange(len(prompts), device=self.device)
+        positions = torch.tensor(lengths, device=self.device)
+        last = logits[rows, positions - 1]
+        generator = torch.Generator(self.device).manual_seed(seed)
+        outputs, finished = [[] for _ in prompts], [False] * len(prompts)
+        for _ in range(max(budget)):
+            tokens = sample(last, temperature, top_p, top_k, generator)
+            for row, token in enumerate(tokens.tolist()):
+                if finished[row]:
+                    continue
+                if token == self.tokenizer.eot_id:
+                    finished[row] = True
+                    continue
+                outputs[row].append(token)
+                finished[row] = len(outputs[row]) >= budget[row]
+                if on_token:
+                    on_token(row, token)
+            if all(finished):
+                break
+            last = self.decode(tokens[:, None], positions=positions[:, None])[:, 0]
+            positions = positions + 1
+        return [Completion(out, self.tokenizer.decode(out).strip(), "length" if len(out) >= b else "stop", n)
+                for out, b, n in zip(outputs, budget, lengths)]
+
+
+def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
+    """The next token of each row from its logits [B, V]: argmax at temperature 0, otherwise a draw from
+    the tempered distribution cut to the top_k tokens and to the top_p probability mass."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p  # the mass before a token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat, one prompt, a file of prompts
+
+
+def chat(gen: Generator, cfg: SampleConfig):
+    condition = cfg.condition or gen.meta["inference_condition"]
+    print(f"{gen.name}, condition {condition!r}. An empty line or Ctrl-D ends; /reset forgets the conversation.")
+    history = []
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append(data.Message("user", line))
+        print("model> ", end="", flush=True)
+        [reply] = generate_for(gen, cfg, [gen.prompt_ids(history, condition, cfg.system)],
+                               on_token=TextStream(gen.tokenizer, lambda text: print(text, end="", flush=True)))
+        print()
+        history.append(data.Message("assistant", reply.text))
+
+
+class TextStream:
+    """on_token for one reply: decodes the tokens so far and hands on the new text, whole characters only
+    (SentencePiece pieces can end inside a character or carry its leading space)."""
+
+    def __init__(self, tokenizer: data.Tokenizer, emit):
+        self.tokenizer, self.emit, self.tokens, self.sent = tokenizer, emit, [], ""
+
+    def __call__(self, _row, token):
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens).lstrip()
+        if text != self.sent and not text.endswith("\ufffd"):
+            self.emit(text[len(self.sent):])
+            self.sent = text
+
+
+def generate_for(gen: Generator, cfg: SampleConfig, prompts, on_token=None):
+    return gen.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, on_token)
+
+
+def read_prompts(path: Path):
+    """Each line {"prompt": str} or {"messages": [{"role", "content"}]}, with optional "condition", "system"."""
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            messages = parse_messages(item["messages"]) if "messages" in item else (
+                [data.Message("user", item["prompt"])], None)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+        items.append((item, *messages))
+    return items
+
+
+def batch_file(gen: Generator, cfg: SampleConfig):
+    items = read_prompts(Path(cfg.input))
+    results, start = [], time.perf_counter()
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i:i + cfg.batch_size]
+        prompts = [gen.prompt_ids(messages, item.get("condition", cfg.condition or None), item.get("system", system))
+                   for item, messages, system in chunk]
+        for (item, _, _), done in zip(chunk, generate_for(gen, cfg, prompts)):
+            results.append({**item, "answer": done.text, "finish_reason": done.finish_reason})
+        print(f"{len(results)}/{len(items)} prompts, {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    out = Path(cfg.output)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+    os.replace(tmp, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The OpenAI-compatible endpoint
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_messages(messages) -> tuple[list[data.Message], str | None]:
+    """OpenAI chat messages → (user and assistant turns ending with a user turn, system prompt)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    system, turns = None, []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                "system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] needs a role (system, user, assistant) and a string content",
+                               "messages")
+        if m["role"] == "system":
+            if i:
+                raise RequestError("a system message must come first", "messages")
+            system = m["content"]
+        else:
+            turns.append(data.Message(m["role"], m["content"]))
+    if not turns or turns[-1].role != "user":
+        raise RequestError("the last message must be the user's", "messages")
+    return turns, system
+
+
+REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int,
+                  "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int, "stream": bool,
+                  "condition": str, "n": int}
+
+
+def check_request(body, gen: Generator) -> dict:
+    """The generation settings of a chat completion request, or RequestError naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    for key, kind in REQUEST_FIELDS.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+            raise RequestError(f"'{key}' has the wrong type", key)
+    messages, system = parse_messages(body.get("messages"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
+    if max_tokens <= 0:
+        raise RequestError("'max_tokens' must be positive", "max_tokens")
+    if body.get("n", 1) != 1:
+        raise RequestError("only n=1 is supported", "n")
+    temperature, top_p, top_k = body.get("temperature", 0), body.get("top_p", 1), body.get("top_k", 0)
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+    prompt = gen.prompt_ids(messages, body.get("condition"), system)
+    if len(prompt) >= gen.model.config.max_seq_len:
+        raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds {gen.model.config.max_seq_len}",
+                           "messages")
+    return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                seed=body.get("seed", 0), stream=body.get("stream", False))
+
+
+def make_handler(gen: Generator, lock: threading.Lock):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if self.path.rstrip("/") != "/v1/models":
+                return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
+            self.send_json(200, {"object": "list", "data": [
+                {"id": gen.name, "object": "model", "created": 0, "owned_by": "crlft"}]})
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+                request = check_request(body, gen)
+            except json.JSONDecodeError as e:
+                return self.send_json(400, error_body(f"malformed JSON: {e}"))
+            except RequestError as e:
+                return self.send_json(400, error_body(str(e), param=e.param))
+            reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+            with lock:  # one generation at a time: concurrent requests wait their turn
+                if request["stream"]:
+                    return self.stream(request["prompt"], settings, reply_id, created)
+                try:
+                    [done] = gen.generate([request["prompt"]], **settings)
+                except Exception as e:  # the server goes on serving
+                    return self.send_json(500, error_body(f"generation failed: {e}", "server_error"))
+            self.send_json(200, {
+                "id": reply_id, "object": "chat.completion", "created": created, "model": gen.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                             "finish_reason": done.finish_reason}],
+                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
+                          "total_tokens": done.prompt_tokens + len(done.tokens)}})
+
+        def stream(self, prompt, settings, reply_id, created):
+            """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+            def event(delta, finish_reason=None):
+                chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": gen.name,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+
+            event({"role": "assistant", "content": ""})
+            streamed = TextStream(gen.tokenizer, lambda text: event({"content": text}))
+            [done] = gen.generate([prompt], on_token=streamed, **settings)
+            if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
+                event({"content": done.text[len(streamed.sent):]})
+            event({}, done.finish_reason)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+        def send_json(self, status: int, body: dict):
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format, *args):
+            print(f"{self.address_string()} {format % args}", file=sys.stderr)
+
+    return Handler
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": None}}
+
+
+def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
+    return ThreadingHTTPServer((host, port), make_handler(gen, threading.Lock()))
+
+
+def main(argv):
+    cfg = parse(SampleConfig, argv, __doc__)
+    if not cfg.checkpoint:
+        raise SystemExit("--checkpoint is required: an export folder written by train.py")
+    gen = Generator(cfg.checkpoint, cfg.device, cfg.compile)
+    torch.manual_seed(cfg.seed)
+    if cfg.serve:
+        server = make_server(gen, cfg.host, cfg.port)
+        print(f"serving {gen.name} on http://{cfg.host}:{server.server_port}/v1/chat/completions", flush=True)
+        server.serve_forever()
+    elif cfg.input:
+        if not cfg.output:
+            raise SystemExit("--input needs --output")
+        batch_file(gen, cfg)
+    elif cfg.prompt:
+        [done] = generate_for(gen, cfg, [gen.prompt_ids([data.Message("user", cfg.prompt)], cfg.condition or None,
+                                                         cfg.system)])
+        print(done.text)
+    else:
+        chat(gen, cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
