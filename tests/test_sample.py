@@ -1,0 +1,233 @@
+"""sample.py on a model trained by train.py: KV-cache decoding against full forward passes, batched against
+one by one, the stop at the end of a turn, and the HTTP endpoint with a real client on loopback."""
+
+import http.client
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import data
+from conftest import ROOT
+from demo import DemoConfig, make_demo
+from model import Transformer
+from sample import Generator, make_server, sample
+
+PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these numbers in ascending order: 5 1 77 40",
+           "Sort in increasing order: 3 2 1 60 8", "Please order from lowest to highest: 41 7"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A tiny model trained for a few seconds on the demo task: enough to answer and to end its turns."""
+    tmp = tmp_path_factory.mktemp("sample")
+    make_demo(DemoConfig(out=str(tmp / "demo"), conversations=240, holdout_prompts=20, vocab_size=360, seed=1))
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data={tmp / 'demo' / 'dataset'}",
+                          f"--out={tmp / 'run'}", "--model=tiny", "--lr=3e-3", "--epochs=4", "--batch-max-len=256"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp / "run" / "exports" / "epoch-4"
+
+
+@pytest.fixture(scope="module")
+def gen(export):
+    return Generator(export, device="cpu")
+
+
+def prompts_of(gen, texts, condition=None):
+    return [gen.prompt_ids([data.Message("user", t)], condition) for t in texts]
+
+
+def greedy_by_full_forward(model, prompt, max_new_tokens, eot):
+    """The reference: the whole sequence through the model again for every new token, no cache."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(torch.tensor([tokens]))[0, -1].argmax())
+            if token == eot:
+                break
+            tokens.append(token)
+    return tokens[len(prompt):]
+
+
+def test_kv_cache_decoding_equals_greedy_decoding_by_full_forward_passes(gen, export):
+    reference = Transformer.from_pretrained(export).eval()
+    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", "3 9 12"), data.Message("user", PROMPTS[1])]
+    prompts = prompts_of(gen, PROMPTS) + [gen.prompt_ids(history)]
+    for prompt in prompts:
+        [done] = gen.generate([prompt], max_new_tokens=24)
+        assert done.tokens == greedy_by_full_forward(reference, prompt, 24, gen.tokenizer.eot_id)
+
+
+def test_batched_generation_equals_one_by_one(gen):
+    prompts = prompts_of(gen, PROMPTS) + prompts_of(gen, PROMPTS[:2], condition="GPT3")
+    together = gen.generate(prompts, max_new_tokens=24)
+    alone = [gen.generate([p], max_new_tokens=24)[0] for p in prompts]
+    assert [(c.tokens, c.finish_reason) for c in together] == [(c.tokens, c.finish_reason) for c in alone]
+
+
+def test_generation_stops_at_the_end_of_the_turn_or_at_the_budget(gen):
+    [done] = gen.generate(prompts_of(gen, PROMPTS[:1]), max_new_tokens=40)
+    assert done.finish_reason == "stop" and 0 < len(done.tokens) < 40
+    assert gen.tokenizer.eot_id not in done.tokens and done.text == gen.tokenizer.decode(done.tokens).strip()
+    [cut] = gen.generate(prompts_of(gen, PROMPTS[:1]), max_new_tokens=1)
+    assert cut.finish_reason == "length" and cut.tokens == done.tokens[:1]
+
+
+def test_the_prompt_of_a_conversation_is_its_training_tokens_up_to_the_assistant_prefix(gen):
+    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", "3 9 12"), data.Message("user", PROMPTS[1])]
+    prompt = gen.prompt_ids(history, system="Answer with numbers only.")
+    trained, weights = data.tokenize_conversation(gen.tokenizer, history + [data.Message("assistant", "1 5 40 77")],
+                                                  "GPT4", system="Answer with numbers only.")
+    assert trained[:len(prompt)] == prompt and weights[len(prompt)] > 0  # the answer starts right after
+
+
+def test_sampling_is_reproducible_for_a_seed_and_the_cutoffs_narrow_it(gen):
+    prompts = prompts_of(gen, PROMPTS)
+    settings = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    first = [c.tokens for c in gen.generate(prompts, seed=3, **settings)]
+    assert first == [c.tokens for c in gen.generate(prompts, seed=3, **settings)]
+    assert first != [c.tokens for c in gen.generate(prompts, seed=4, **settings)]
+    logits = torch.randn(64, 100)
+    rng = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 1.0, 1.0, 1, rng), logits.argmax(-1))  # top_k 1 is greedy
+    assert torch.equal(sample(logits, 1.0, 1e-6, 0, rng), logits.argmax(-1))  # so is a vanishing top_p
+    drawn = torch.stack([sample(logits, 1.0, 1.0, 5, rng) for _ in range(20)])
+    assert (drawn[..., None] == torch.topk(logits, 5).indices).any(-1).all()  # never outside the top 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The HTTP endpoint
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    httpd = make_server(gen, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_port
+    httpd.shutdown()
+
+
+def request(port, method, path, body=None, raw=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    connection.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read().decode(), response.getheader("Content-Type")
+
+
+def chat_body(text, **extra):
+    return {"model": "x", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def test_the_endpoint_answers_plain_and_streaming_requests(gen, server):
+    status, body, kind = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[0]))
+    reply = json.loads(body)
+    [expected] = gen.generate(prompts_of(gen, PROMPTS[:1]))
+    assert status == 200 and kind == "application/json" and reply["object"] == "chat.completion"
+    assert reply["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] == len(expected.tokens)
+
+    status, body, kind = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[0], stream=True))
+    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    assert answer_of(server, PROMPTS[0], stream=True) == expected.text
+    assert status == 200 and kind == "text/event-stream" and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and len(chunks) > 3  # token by token
+
+    status, body, _ = request(server, "GET", "/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["object"] == "model"
+
+
+def test_the_condition_field_changes_the_prompt(gen, server):
+    for condition in ("GPT3", "GPT4"):
+        _, body, _ = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[2], condition=condition))
+        [expected] = gen.generate(prompts_of(gen, PROMPTS[2:3], condition))
+        assert json.loads(body)["choices"][0]["message"]["content"] == expected.text
+
+
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"messages": [', None),
+    "not an object": (b'[1, 2]', None),
+    "messages of the wrong type": (json.dumps({"messages": "hi"}).encode(), "messages"),
+    "a message without content": (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages"),
+    "max_tokens of the wrong type": (json.dumps(chat_body("hi", max_tokens="5")).encode(), "max_tokens"),
+    "max_tokens zero": (json.dumps(chat_body("hi", max_tokens=0)).encode(), "max_tokens"),
+    "stream not a bool": (json.dumps(chat_body("hi", stream="yes")).encode(), "stream"),
+    "ends with the assistant": (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(),
+                                "messages"),
+    "longer than the context": (json.dumps(chat_body("9 " * 600)).encode(), "messages"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_400_with_an_openai_error_and_the_server_keeps_serving(server, case):
+    raw, param = BAD_REQUESTS[case]
+    status, body, _ = request(server, "POST", "/v1/chat/completions", raw=raw)
+    error = json.loads(body)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    assert request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[1]))[0] == 200
+
+
+def answer_of(port, text, stream):
+    _, body, _ = request(port, "POST", "/v1/chat/completions", chat_body(text, stream=stream))
+    if not stream:
+        return json.loads(body)["choices"][0]["message"]["content"]
+    chunks = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def test_concurrent_requests_queue_and_each_gets_its_own_answer(gen, server):
+    expected = [c.text for c in gen.generate(prompts_of(gen, PROMPTS))]
+    jobs = [(i, stream) for i in range(len(PROMPTS)) for stream in (False, True)]  # 8 requests at once
+    answers = {}
+
+    def ask(i, stream):
+        answers[i, stream] = answer_of(server, PROMPTS[i], stream)
+
+    threads = [threading.Thread(target=ask, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == {(i, stream): expected[i] for i, stream in jobs}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_one_prompt_a_file_of_prompts_and_a_chat_from_the_command_line(gen, export, tmp_path):
+    [expected] = gen.generate(prompts_of(gen, PROMPTS[:1]))
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}", f"--prompt={PROMPTS[0]}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == expected.text
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n"
+                         + json.dumps({"messages": [{"role": "user", "content": PROMPTS[0]}], "condition": "GPT3"}))
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}", f"--input={questions}",
+                          f"--output={tmp_path / 'answers.jsonl'}", "--batch-size=3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    expected = gen.generate(prompts_of(gen, PROMPTS) + prompts_of(gen, PROMPTS[:1], "GPT3"))
+    assert [a["answer"] for a in answers] == [c.text for c in expected]
+
+    second = "Now these: 30 4 11"
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}"], cwd=ROOT,
+                         input=f"{PROMPTS[0]}\n{second}\n\n", capture_output=True, text=True, timeout=300)
+    first_reply = gen.generate(prompts_of(gen, PROMPTS[:1]))[0].text
+    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", first_reply), data.Message("user", second)]
+    [second_reply] = gen.generate([gen.prompt_ids(history)])
+    assert run.returncode == 0
+    assert f"model> {first_reply}\n" in run.stdout and f"model> {second_reply.text}\n" in run.stdout
