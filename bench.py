@@ -2,6 +2,7 @@
 
   python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time and peak memory
   python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing efficiency
+  python bench.py decode  sample.py's generation vs transformers' generate: tokens/s at batch 1 and 32
 
 Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
 """
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import fused_weighted_cross_entropy
+from model import ModelConfig, Transformer, fused_weighted_cross_entropy
+from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
 MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
@@ -179,6 +181,83 @@ def bench_data(args):
             print(f"| {batch_max_len:,} | {world_size} | {len(steps):,} | {efficiency:.2%} | {seconds:.2f} |")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# decode
+
+
+def random_model(config: ModelConfig, device, dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.to(dtype).eval()
+
+
+def timed(fn, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench_decode(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_name = args.model or ("Llama-2-7B" if device.type == "cuda" else "TinyLlama-1.1B")
+    layers = args.layers or (None if device.type == "cuda" else 4)
+    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")  # a 32,000-piece vocabulary + EOT
+    config = ModelConfig.from_name(model_name, vocab_size=tokenizer.vocab_size,
+                                   **({"n_layers": layers} if layers else {}))
+    torch.manual_seed(0)
+    model = random_model(config, device, dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"bench.py decode on {device_name(device.type)}, torch {torch.__version__}: {model_name}"
+          f"{f' cut to {layers} layers' if layers else ''} with random {dtype} weights "
+          f"({weight_bytes / 1e9:.2f} GB), {args.prompt_len}-token prompts, {args.new_tokens} new tokens, greedy\n")
+    prompt = torch.randint(3, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    # Decoding speed = the tokens after the first over the time after the first: a run of 1 new token
+    # (the prefill and one step) is subtracted from a run of --new-tokens, for both systems.
+    rows = []
+    gen = Generator(model, tokenizer, "GPT4", model_name, compile=args.compile)
+    for batch in args.batch:
+        warmup = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=8), device)
+        first = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=1), device)
+        done = []
+        seconds = timed(lambda: done.extend(gen.generate([prompt] * batch, max_new_tokens=args.new_tokens)), device)
+        rows.append(("ours (sample.py)" + (", compiled" if args.compile else ""), batch,
+                     sum(len(c.tokens) for c in done) - batch, seconds - first, first, warmup))
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed: no baseline in this run")
+        transformers = None
+    if transformers:
+        hf_config = transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len)
+        with torch.device(device):
+            hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
+        for batch in args.batch:
+            ids = torch.tensor([prompt] * batch, device=device)
+            settings = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+            warmup = timed(lambda: hf.generate(ids, max_new_tokens=8, **settings), device)
+            first = timed(lambda: hf.generate(ids, max_new_tokens=1, **settings), device)
+            seconds = timed(lambda: hf.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                **settings), device)
+            rows.append((f"transformers {transformers.__version__} generate", batch, batch * (args.new_tokens - 1),
+                         seconds - first, first, warmup))
+    print("| system | batch | decoded tokens | seconds | decode tokens/s | weights read, GB/s | prefill + 1 token, s "
+          "| warm-up s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for system, batch, tokens, seconds, first, warmup in rows:
+        steps_per_s = tokens / batch / seconds  # one read of every weight per decoding step
+        print(f"| {system} | {batch} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.1f} | "
+              f"{steps_per_s * weight_bytes / 1e9:,.1f} | {first:.2f} | {warmup:.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -195,8 +274,15 @@ def main():
     real.add_argument("--max-len", type=int, default=8192, help="context length")
     real.add_argument("--batch-max-len", type=int, nargs="+", default=[8192, 32768], help="packing capacities")
     real.add_argument("--world-size", type=int, nargs="+", default=[1, 8], help="ranks to pack for")
+    decode = modes.add_parser("decode", help="generation speed against transformers' generate")
+    decode.add_argument("--model", help="model preset (default Llama-2-7B on GPU, TinyLlama-1.1B on CPU)")
+    decode.add_argument("--layers", type=int, help="cut the model to this many layers (default: all on GPU, 4 on CPU)")
+    decode.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
+    decode.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
+    decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
+    decode.add_argument("--compile", action="store_true", help="compile the one-token step (CUDA graphs on GPU)")
     args = parser.parse_args()
-    {"loss": bench_loss, "data": bench_data}[args.mode](args)
+    {"loss": bench_loss, "data": bench_data, "decode": bench_decode}[args.mode](args)
 
 
 if __name__ == "__main__":

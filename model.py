@@ -303,6 +303,17 @@ class Transformer(nn.Module):
         With targets and weights (the shape of tokens), return instead the fused loss (Σ w·CE, and per
         token CE and [argmax = target], flat [N]): the [N, V] logits are never materialised. `supervised`:
         the flat indices of the tokens with w ≠ 0, if known, which spares the loss a host sync."""
+        x = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
+        if targets is None:
+            return self.lm_head(x)
+        # The output weight is read here, inside the forward of the module that owns it: under FSDP2 it is
+        # the gathered (unsharded) parameter at this point, and its gradient flows back through autograd.
+        return fused_weighted_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.flatten(),
+                                            weights.flatten(), supervised)
+
+    def hidden_states(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None):
+        """The final normalised hidden states, [B, T, D] or [N, D]: forward without the output head, for
+        callers that need the logits of a few positions only (the last prompt token, in sample.py)."""
         packed = tokens.dim() == 1
         if packed:
             if positions is None or cu_seqlens is None:
@@ -315,13 +326,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, a)
         x = self.norm(x)
-        if targets is None:
-            logits = self.lm_head(x)
-            return logits[0] if packed else logits
-        # The output weight is read here, inside the forward of the module that owns it: under FSDP2 it is
-        # the gathered (unsharded) parameter at this point, and its gradient flows back through autograd.
-        return fused_weighted_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
-                                            weights.flatten(), supervised)
+        return x[0] if packed else x
 
     def attention_inputs(self, positions, dtype, cu_seqlens, max_seqlen) -> AttentionInputs:
         angles = positions.float()[..., None] * rope_inv_freq(self.config, positions.device)  # [B, T, hd/2]

@@ -62,30 +62,38 @@ class Completion:
 
 
 class Generator:
-    """A loaded export: the model, its tokenizer and template, and a static KV cache reused across calls."""
+    """A model with its tokenizer and inference condition, and a static KV cache reused across calls."""
 
-    def __init__(self, checkpoint, device="auto", compile=False):
-        path = Path(checkpoint)
-        self.meta = read_json(path / "crlft.json")
-        self.tokenizer = data.Tokenizer(path / "tokenizer.model", self.meta["template"])
-        if self.tokenizer.sha256 != self.meta["tokenizer_sha256"]:
-            raise ValueError(f"{path}/tokenizer.model is not the tokenizer the model was trained with (crlft.json)")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = Transformer.from_pretrained(path, device=self.device, dtype=dtype).eval()
-        if self.model.config.vocab_size != self.tokenizer.vocab_size:
-            raise ValueError(f"{path}: the model has {self.model.config.vocab_size} rows, the tokenizer "
-                             f"{self.tokenizer.vocab_size} tokens")
-        self.name = path.resolve().name
+    def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str, name: str,
+                 compile=False):
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer {tokenizer.vocab_size} "
+                             f"tokens")
+        self.model, self.tokenizer, self.inference_condition, self.name = model.eval(), tokenizer, \
+            inference_condition, name
+        self.device = next(model.parameters()).device
         self.cache_shape = (0, 0)
         # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a CUDA graph.
-        self.decode = (torch.compile(self.model, mode="reduce-overhead" if self.device.type == "cuda" else None,
-                                     fullgraph=True) if compile else self.model)
+        self.decode = (torch.compile(model, mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                     fullgraph=True) if compile else model)
+
+    @classmethod
+    def load(cls, checkpoint, device="auto", compile=False) -> "Generator":
+        """An export of train.py: bf16 on a GPU, float32 on a CPU."""
+        path = Path(checkpoint)
+        meta = read_json(path / "crlft.json")
+        tokenizer = data.Tokenizer(path / "tokenizer.model", meta["template"])
+        if tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise ValueError(f"{path}/tokenizer.model is not the tokenizer the model was trained with (crlft.json)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
+            torch.device(device)
+        model = Transformer.from_pretrained(path, device=device,
+                                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return cls(model, tokenizer, meta["inference_condition"], path.resolve().name, compile)
 
     def prompt_ids(self, messages: list[data.Message], condition: str | None = None, system: str | None = None):
         """The ids the model answers from: the training template up to the assistant prefix."""
-        condition = self.meta["inference_condition"] if condition is None else condition
+        condition = self.inference_condition if condition is None else condition
         return data.tokenize_conversation(self.tokenizer, messages, condition, system or None, inference=True)[0]
 
     def ensure_cache(self, batch_size: int, length: int):
@@ -108,10 +116,12 @@ class Generator:
         batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
         for row, p in enumerate(prompts):
             batch[row, :len(p)] = torch.tensor(p)
-        logits = self.model(batch.to(self.device))  # prefill; the padding's cache slots are overwritten later
+        # Prefill: the output head only at each prompt's last token. The padding's cache slots are
+        # overwritten by the decoding steps before any query can see them.
+        hidden = self.model.hidden_states(batch.to(self.device))
         rows = torch.arange(len(prompts), device=self.device)
         positions = torch.tensor(lengths, device=self.device)
-        last = logits[rows, positions - 1]
+        last = self.model.lm_head(hidden[rows, positions - 1])
         generator = torch.Generator(self.device).manual_seed(seed)
         outputs, finished = [[] for _ in prompts], [False] * len(prompts)
         for _ in range(max(budget)):
@@ -156,7 +166,7 @@ def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> t
 
 
 def chat(gen: Generator, cfg: SampleConfig):
-    condition = cfg.condition or gen.meta["inference_condition"]
+    condition = cfg.condition or gen.inference_condition
     print(f"{gen.name}, condition {condition!r}. An empty line or Ctrl-D ends; /reset forgets the conversation.")
     history = []
     while True:
@@ -375,7 +385,7 @@ def main(argv):
     cfg = parse(SampleConfig, argv, __doc__)
     if not cfg.checkpoint:
         raise SystemExit("--checkpoint is required: an export folder written by train.py")
-    gen = Generator(cfg.checkpoint, cfg.device, cfg.compile)
+    gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile)
     torch.manual_seed(cfg.seed)
     if cfg.serve:
         server = make_server(gen, cfg.host, cfg.port)

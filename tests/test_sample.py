@@ -34,7 +34,7 @@ def export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen(export):
-    return Generator(export, device="cpu")
+    return Generator.load(export, device="cpu")
 
 
 def prompts_of(gen, texts, condition=None):
