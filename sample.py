@@ -69,8 +69,8 @@ class Generator:
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer {tokenizer.vocab_size} "
                              f"tokens")
-        self.model, self.tokenizer, self.inference_condition, self.name = model.eval(), tokenizer, \
-            inference_condition, name
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.inference_condition = inference_condition
         self.device = next(model.parameters()).device
         self.cache_shape = (0, 0)
         # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a CUDA graph.
@@ -85,8 +85,9 @@ class Generator:
         tokenizer = data.Tokenizer(path / "tokenizer.model", meta["template"])
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
             raise ValueError(f"{path}/tokenizer.model is not the tokenizer the model was trained with (crlft.json)")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else \
-            torch.device(device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
         model = Transformer.from_pretrained(path, device=device,
                                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         return cls(model, tokenizer, meta["inference_condition"], path.resolve().name, compile)
