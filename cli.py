@@ -48,8 +48,8 @@ def parse(cls, argv, description: str = "", defaults=None):
             parser.add_argument(*flags, type=parse_bool, nargs="?", const=True, default=default, help=help)
         elif typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
-            # repeated flags build the list; absent, the field keeps its default
-            parser.add_argument(*flags, type=item, action="append", default=argparse.SUPPRESS,
+            # --key a b or --key a --key b build the list; absent, the field keeps its default
+            parser.add_argument(*flags, type=item, nargs="+", action="extend", default=argparse.SUPPRESS,
                                 help=f"{help} (default: {default})")
         else:
             parser.add_argument(*flags, type=kind, default=default, help=help)

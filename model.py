@@ -293,6 +293,11 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len or self.config.max_seq_len,
                                                self.config.n_kv_heads, self.config.head_dim, p.dtype, p.device)
 
+    def drop_kv_cache(self):
+        """Back to plain forward passes (a packed stream, training) after decoding with a cache."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
     def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, targets=None, weights=None,
                 supervised=None):
         """Three uses of one forward:
@@ -338,7 +343,7 @@ class Transformer(nn.Module):
             k_pos = positions if cache is None else torch.arange(cache.k.shape[1], device=positions.device)[None]
             return AttentionInputs(cos, sin, positions, mask=attention_mask(positions, k_pos, window))
         if cache is not None:
-            raise ValueError("a packed stream cannot run on a model with a KV cache (setup_kv_cache)")
+            raise ValueError("a packed stream cannot run through a KV cache: call drop_kv_cache() first")
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if max_seqlen is None:
             max_seqlen = int(lengths.max())  # a host sync: pass max_seqlen if you can

@@ -140,7 +140,8 @@ class Generator:
             if all(finished):
                 break
             last = self.decode(tokens[:, None], positions=positions[:, None])[:, 0]
-            positions = positions + 1
+            # A row that has finished keeps decoding alongside, into its last cache slot, its output unused.
+            positions = (positions + 1).clamp(max=self.cache_shape[1] - 1)
         return [Completion(out, self.tokenizer.decode(out).strip(), "length" if len(out) >= b else "stop", n)
                 for out, b, n in zip(outputs, budget, lengths)]
 

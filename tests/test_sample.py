@@ -69,6 +69,19 @@ def test_batched_generation_equals_one_by_one(gen):
     assert [(c.tokens, c.finish_reason) for c in together] == [(c.tokens, c.finish_reason) for c in alone]
 
 
+def test_a_row_cut_short_by_the_context_decodes_alongside_longer_answers(gen):
+    context = gen.model.config.max_seq_len
+    sevens = 1
+    while len(gen.prompt_ids([data.Message("user", "Sort: " + "7 " * (sevens + 1))])) <= context - 2:
+        sevens += 1
+    long_prompt = gen.prompt_ids([data.Message("user", "Sort: " + "7 " * sevens)])  # room for 1 or 2 tokens
+    prompts = prompts_of(gen, PROMPTS[:2]) + [long_prompt]
+    together = gen.generate(prompts, max_new_tokens=300)
+    alone = [gen.generate([p], max_new_tokens=300)[0] for p in prompts]
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert len(together[0].tokens) > 2 >= len(together[2].tokens)  # the others decode past its end
+
+
 def test_generation_stops_at_the_end_of_the_turn_or_at_the_budget(gen):
     [done] = gen.generate(prompts_of(gen, PROMPTS[:1]), max_new_tokens=40)
     assert done.finish_reason == "stop" and 0 < len(done.tokens) < 40
