@@ -347,14 +347,22 @@ def ablation(cfg: AblationConfig):
     trained = [v for v in VARIANTS if v.sources]
     datasets = {v.name: prepare_variant(v, demo, out) for v in trained}
 
-    probe = time.perf_counter()  # the expected time, from a short run of the first variant
-    train_run(cfg, datasets[trained[0].name], out / "probe", 0, steps=20)
-    per_step = (time.perf_counter() - probe) / 20
+    # The expected time, from two short runs of the first variant (the difference gives the time per step,
+    # the rest is start-up) and one evaluation.
+    probes = {}
+    for steps in (10, 30):
+        probe = time.perf_counter()
+        export = train_run(cfg, datasets[trained[0].name], out / "probe", 0, steps)
+        probes[steps] = time.perf_counter() - probe
+    per_step, probe = (probes[30] - probes[10]) / 20, time.perf_counter()
+    demo_accuracy(Generator.load(export, device="cpu"), items, "GPT4", max_new_tokens=cfg.max_new_tokens)
+    evaluation_s = time.perf_counter() - probe
     shutil.rmtree(out / "probe")
     runs = len(trained) * cfg.seeds
+    expected = runs * (probes[10] - 10 * per_step + cfg.steps * per_step) + (runs + cfg.seeds) * evaluation_s
     print(f"\nablation: {len(VARIANTS)} variants ({runs} training runs of {cfg.steps} steps, {cfg.seeds} seeds) on "
-          f"{len(items)} held-out prompts; expected about {runs * cfg.steps * per_step / 60:.0f} min "
-          f"(a 20-step probe took {per_step * 20:.0f}s)\n", flush=True)
+          f"{len(items)} held-out prompts; expected about {expected / 60:.0f} min ({per_step:.2f}s a step, "
+          f"{evaluation_s:.0f}s an evaluation)\n", flush=True)
 
     scores = {v.name: [] for v in VARIANTS}
     metrics = {}
