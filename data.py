@@ -430,6 +430,14 @@ def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: 
     return rows
 
 
+def expert_condition(sources: list[Source], template: Template) -> str:
+    """The condition to prompt with at inference: the expert's, i.e. the highest-weight source's (SPEC §1);
+    on a tie the template's own when it is one of them (e.g. "GPT4"), else the first listed."""
+    top = max(s.weight for s in sources)
+    tied = [s.condition for s in sources if s.weight == top]
+    return template.inference_condition if template.inference_condition in tied else tied[0]
+
+
 def split_stats(rows, n_classes) -> dict:
     per_class = [{"conversations": 0, "tokens": 0, "supervised_tokens": 0, "weight_sum": 0.0}
                  for _ in range(n_classes)]
@@ -486,7 +494,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                       "base_vocab_size": tokenizer.base_vocab_size, "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "special_tokens": tokenizer.special_ids},
         "template": cfg.template,
-        "inference_condition": tokenizer.template.inference_condition,
+        "inference_condition": expert_condition(sources, tokenizer.template),
         "conditions": sorted({c.condition for c in conversations}),
         "sources": [{"condition": s.condition, "weight": s.weight, "files": [str(f) for f in s.files]}
                     for s in sources],

@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 
 from conftest import MISTRAL_TOKENIZER, ROOT
-from data import (BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer, load_meta, load_split,
-                  multipack, pack_stream, packing_efficiency, parse_record, prepare, read_records,
+from data import (TEMPLATES, BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer, expert_condition,
+                  load_meta, load_split, multipack, pack_stream, packing_efficiency, parse_record, prepare, read_records,
                   tokenize_conversation, train_tokenizer)
 from demo import DemoConfig, make_demo
 
@@ -329,8 +329,22 @@ def test_prepare_round_trip_and_a_disjoint_held_out_split(tmp_path):
     assert sorted(seen) == sorted(expected) and (len(train.lengths), len(holdout.lengths)) == (6, 2)
     assert train.offsets.tolist() == np.cumsum([0] + train.lengths.tolist())[:-1].tolist()
     assert meta["splits"]["train"]["conversations"] == 6 and meta["conditions"] == ["GPT3", "GPT4"]
+    assert meta["inference_condition"] == "GPT4"
     assert load_meta(tmp_path / "d")["tokenizer"]["sha256"] == meta["tokenizer"]["sha256"]
     assert (tmp_path / "d" / "tokenizer.model").read_bytes() == MISTRAL_TOKENIZER.read_bytes()
+
+
+def test_inference_condition_is_the_highest_weight_sources():
+    v32 = TEMPLATES["openchat_v3.2"]
+
+    def expert(*pairs):
+        return expert_condition([Source(c, w, []) for c, w in pairs], v32)
+
+    assert expert(("GPT3", 0.1), ("GPT4", 1.0)) == "GPT4"
+    assert expert(("", 1.0)) == expert(("", 1.0), ("", 0.1)) == ""  # SFT without a condition prompts without one
+    assert expert(("good", 0.1), ("best", 0.9), ("GPT4", 0.5)) == "best"
+    assert expert(("GPT3", 1.0), ("GPT4", 1.0)) == "GPT4"  # equal weights: the template's own
+    assert expert(("a", 1.0), ("b", 1.0)) == "a"
 
 
 def test_pack_stream_concatenates_conversations_with_their_own_targets(tmp_path):
