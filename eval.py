@@ -360,9 +360,9 @@ def ablation(cfg: AblationConfig):
     shutil.rmtree(out / "probe")
     runs = len(trained) * cfg.seeds
     expected = runs * (probes[10] - 10 * per_step + cfg.steps * per_step) + (runs + cfg.seeds) * evaluation_s
-    print(f"\nablation: {len(VARIANTS)} variants ({runs} training runs of {cfg.steps} steps, {cfg.seeds} seeds) on "
-          f"{len(items)} held-out prompts; expected about {expected / 60:.0f} min ({per_step:.2f}s a step, "
-          f"{evaluation_s:.0f}s an evaluation)\n", flush=True)
+    print(f"\nablation: {len(VARIANTS)} variants, {runs} training runs of {cfg.steps} steps ({len(trained)} trained "
+          f"variants × {cfg.seeds} seed(s)), {len(items)} held-out prompts; expected about {expected / 60:.0f} min "
+          f"({per_step:.2f}s a step, {evaluation_s:.0f}s an evaluation)\n", flush=True)
 
     scores = {v.name: [] for v in VARIANTS}
     metrics = {}
@@ -398,8 +398,9 @@ def ablation_table(scores: dict, cfg: AblationConfig, seconds: float) -> str:
                     f"{mean_std([r['mixed'] for r in s])} | {mean_std([r['one_width'] for r in s])} | "
                     f"{mean_std([r['text_order'] for r in s])} | {v.paper} |")
     n = scores[VARIANTS[0].name][0]["prompts"]
+    spread = f"Mean ± standard deviation over {cfg.seeds} seeds" if cfg.seeds > 1 else "One seed"
     return "\n".join(rows) + (
-        f"\n\nMean ± standard deviation over {cfg.seeds} seeds of greedy exact match on {n} held-out prompts; every "
+        f"\n\n{spread} of greedy exact match on {n} held-out prompts; every "
         f"variant trained for {cfg.steps} steps of {cfg.batch_max_len} tokens ({cfg.model} model, lr {cfg.lr}). "
         f"*Answers in the sub-optimal source's text order, among the prompts where that order is wrong. "
         f"Wall time {seconds / 60:.1f} min.\n")
