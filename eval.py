@@ -14,7 +14,6 @@ with train.py and scores it with the demo evaluation.
 
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -29,8 +28,8 @@ import torch
 
 import data
 from cli import arg, parse
-from model import read_json
-from sample import Generator
+from model import read_json, write_atomically
+from sample import Generator, right_padded
 
 ROOT = Path(__file__).resolve().parent
 
@@ -50,10 +49,8 @@ class EvalConfig:
     device: str = arg("auto", "cuda or cpu; auto: cuda when there is one")
 
 
-def write_atomically(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path: Path, text: str):
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def in_batches(items, size: int, what: str):
@@ -108,9 +105,11 @@ def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_bat
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = list(data.read_records(path))
+    for record, _ in records:
+        if isinstance(record, data.BadInput):  # names the file and line
+            raise record
+    return [record for record, _ in records]
 
 
 def demo_accuracy(gen: Generator, items: list[dict], condition: str, batch_size=64, max_new_tokens=32) -> dict:
@@ -152,10 +151,7 @@ def option_log_likelihoods(gen: Generator, prompt: list[int], options: list[str]
     continuations = [gen.tokenizer.encode([o])[0] for o in options]
     sequences = [prompt + c for c in continuations]
     gen.ensure_cache(len(sequences), max(map(len, sequences)))  # the model decodes through its KV cache
-    batch = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        batch[row, :len(s)] = torch.tensor(s)
-    hidden = gen.model.hidden_states(batch.to(gen.device))
+    hidden = gen.model.hidden_states(right_padded(sequences, gen.device))
     scores = []
     for row, c in enumerate(continuations):
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=gen.device)
@@ -268,7 +264,7 @@ def run_mtbench(cfg: EvalConfig):
         raise SystemExit("mtbench needs --questions and --output")
     gen = load(cfg)
     answers = mt_bench(gen, read_jsonl(Path(cfg.questions)), cfg.condition or None, cfg.max_new_tokens or 1024)
-    write_atomically(Path(cfg.output), "".join(json.dumps(a) + "\n" for a in answers))
+    write_text(Path(cfg.output), "".join(json.dumps(a) + "\n" for a in answers))
     print(f"wrote {len(answers)} answers to {cfg.output}")
 
 
@@ -379,8 +375,8 @@ def ablation(cfg: AblationConfig):
 
     table = ablation_table(scores, cfg, time.perf_counter() - start)
     print("\n" + table)
-    write_atomically(out / "ablation.md", table)
-    write_atomically(out / "results.json", json.dumps({"config": cfg.__dict__, "scores": scores}, indent=1))
+    write_text(out / "ablation.md", table)
+    write_text(out / "results.json", json.dumps({"config": cfg.__dict__, "scores": scores}, indent=1))
     plot(scores, metrics, out / "ablation.png")
 
 

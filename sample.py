@@ -12,7 +12,6 @@ then the four ways to use it.
 """
 
 import json
-import os
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ import torch
 
 import data
 from cli import arg, parse
-from model import Transformer, read_json
+from model import Transformer, read_json, write_atomically
 
 
 @dataclass
@@ -114,12 +113,9 @@ class Generator:
             raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the context of {max_len}")
         budget = [min(max_new_tokens, max_len - n) for n in lengths]
         self.ensure_cache(len(prompts), min(max_len, max(n + b for n, b in zip(lengths, budget))))
-        batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            batch[row, :len(p)] = torch.tensor(p)
         # Prefill: the output head only at each prompt's last token. The padding's cache slots are
         # overwritten by the decoding steps before any query can see them.
-        hidden = self.model.hidden_states(batch.to(self.device))
+        hidden = self.model.hidden_states(right_padded(prompts, self.device))
         rows = torch.arange(len(prompts), device=self.device)
         positions = torch.tensor(lengths, device=self.device)
         last = self.model.lm_head(hidden[rows, positions - 1])
@@ -144,6 +140,14 @@ class Generator:
             positions = (positions + 1).clamp(max=self.cache_shape[1] - 1)
         return [Completion(out, self.tokenizer.decode(out).strip(), "length" if len(out) >= b else "stop", n)
                 for out, b, n in zip(outputs, budget, lengths)]
+
+
+def right_padded(sequences: list[list[int]], device) -> torch.Tensor:
+    """The token ids as one [B, longest] batch, each row a sequence followed by zeros."""
+    batch = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        batch[row, :len(s)] = torch.tensor(s)
+    return batch.to(device)
 
 
 def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
@@ -234,10 +238,7 @@ def batch_file(gen: Generator, cfg: SampleConfig):
         for (item, _, _), done in zip(chunk, generate_for(gen, cfg, prompts)):
             results.append({**item, "answer": done.text, "finish_reason": done.finish_reason})
         print(f"{len(results)}/{len(items)} prompts, {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    out = Path(cfg.output)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-    os.replace(tmp, out)
+    write_atomically(Path(cfg.output), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in results)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) ->
 # 5. The step
 
 
-def forward_backward(model, batches: list[Batch], weight_sum: float, n_classes: int) -> torch.Tensor:
+def forward_backward(model, batches: list[Batch], weight_sum: float,
+                     n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of one optimizer step. SPEC §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
     rank and micro-batch of the step. weight_sum is that global Σ w, known from the plan on every rank, so
     each micro-batch back-propagates its Σ w·CE / weight_sum with no collective and no host sync; the

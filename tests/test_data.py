@@ -12,9 +12,9 @@ import pytest
 import sentencepiece as spm
 
 from conftest import MISTRAL_TOKENIZER, ROOT
-from data import (TEMPLATES, BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer, expert_condition,
-                  load_meta, load_split, multipack, pack_stream, packing_efficiency, parse_record, prepare, read_records,
-                  tokenize_conversation, train_tokenizer)
+from data import (TEMPLATES, BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer,
+                  expert_condition, load_meta, load_split, multipack, pack_stream, packing_efficiency, parse_record,
+                  prepare, read_records, tokenize_conversation, train_tokenizer)
 from demo import DemoConfig, make_demo
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
