@@ -365,7 +365,9 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     params = dict(model.named_parameters())
-    config = replace(model.config, bos_token_id=tok["bos_id"], eos_token_id=tok["special_tokens"][data.EOT])
+    # The end of a turn ends generation; a base pretrained on plain text ("text" template) ends at EOS.
+    eos = tok["special_tokens"].get(data.EOT, tok.get("eos_id"))
+    config = replace(model.config, bos_token_id=tok["bos_id"], eos_token_id=eos)
     write_hf_checkpoint(tmp, config, {n: p.shape for n, p in params.items()}, lambda n: params[n].full_tensor(),
                         getattr(torch, cfg.export_dtype), write=rank == 0)  # every rank gathers, rank 0 writes
     if rank == 0:
@@ -382,18 +384,24 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
 
 def tokenizer_config(meta: dict, max_len: int) -> dict:
     """For transformers' LlamaTokenizer: the special tokens after the base vocabulary and a chat template
-    that renders the conversation text of data.py's template at the inference condition."""
+    that renders the conversation text of data.py's template at the inference condition (a base pretrained
+    on plain text has neither)."""
+    special = meta["tokenizer"]["special_tokens"]
     added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False} for t, i in meta["tokenizer"]["special_tokens"].items()}
+                      "single_word": False} for t, i in special.items()}
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
+              "legacy": True,  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
+              "added_tokens_decoder": added}
+    if data.EOT not in special:
+        return config
     condition = meta["inference_condition"]
+    user, assistant = data.role_prefix("user", condition), data.role_prefix("assistant", condition)
     template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% else %}"
-                "{{ '" + condition + " ' + ('User' if m['role'] == 'user' else 'Assistant') + ': ' + m['content'] }}"
+                "{{ ('" + user + "' if m['role'] == 'user' else '" + assistant + "') + ' ' + m['content'] }}"
                 "{% endif %}{{ '" + data.EOT + "' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '" + condition + " Assistant:' }}{% endif %}")
-    return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": data.EOT, "unk_token": "<unk>",
-            "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
-            "legacy": True,  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
-            "added_tokens_decoder": added, "chat_template": template}
+                "{% if add_generation_prompt %}{{ '" + assistant + "' }}{% endif %}")
+    return {**config, "eos_token": data.EOT, "chat_template": template}
 
 
 # ---------------------------------------------------------------------------------------------------------

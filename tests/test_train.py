@@ -4,6 +4,7 @@ float64 computation, one process against two, interruption and resumption, expor
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import train
 from conftest import ROOT
 from data import load_split
@@ -156,6 +158,30 @@ def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transforme
     assert crlft["inference_condition"] == "GPT4" and crlft["conditions"] == ["GPT3", "GPT4"]
     eot = json.loads((dataset / "meta.json").read_text())["tokenizer"]["special_tokens"]["<|end_of_turn|>"]
     assert json.loads((export / "config.json").read_text())["eos_token_id"] == eot
+
+
+@pytest.mark.parametrize("condition", ["", "GPT4", "GPT4 Correct"])
+def test_the_exported_chat_template_gives_data_py_ids_at_every_condition(dataset, tmp_path, condition):
+    """transformers' tokenizer of an export renders the very ids of tokenize_conversation, the empty
+    condition of the no-condition variants included ("User:", not " User:")."""
+    import transformers
+    meta = {**json.loads((dataset / "meta.json").read_text()), "inference_condition": condition}
+    shutil.copyfile(dataset / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(train.tokenizer_config(meta, 256)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = data.Tokenizer(dataset / "tokenizer.model", meta["template"])
+    turns = [("user", "Sort these numbers: 12 9 3"), ("assistant", "3 9 12"), ("user", "And 40 7?")]
+    for system in (None, "You sort numbers."):
+        chat = [{"role": "system", "content": system}] if system else []
+        chat += [{"role": role, "content": text} for role, text in turns]
+        expected, _ = data.tokenize_conversation(ours, [data.Message(r, t) for r, t in turns], condition, system,
+                                                 inference=True)
+        assert theirs.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
+        # and the text itself, which tokenizers that keep a space after a special token would read apart
+        text = "<s>" + (f"{system}{data.EOT}" if system else "")
+        text += "".join(f"{data.role_prefix(r, condition)} {t}{data.EOT}" for r, t in turns)
+        assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+            text + data.role_prefix("assistant", condition))
 
 
 def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path):
