@@ -53,6 +53,9 @@ class Template:
 TEMPLATES = {
     "openchat_v3.2": Template((EOT,), "GPT4"),  # the paper's model (Llama-2-13B): GPT4 / GPT3 conditions
     "openchat_3.5": Template((EOT, "<|pad_0|>"), "GPT4 Correct"),  # Mistral-7B
+    # Not a chat template: a base model's pretraining corpus (prepare_text), documents of plain text with
+    # no roles, no conditions and no special tokens. The demo's base model is pretrained on one.
+    "text": Template((), ""),
 }
 ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
 
@@ -89,9 +92,9 @@ class Tokenizer:
                                  f"inside message text; use a model without it")
         self.special_ids = {t: self.base_vocab_size + i for i, t in enumerate(self.template.special_tokens)}
         self.vocab_size = self.base_vocab_size + len(self.special_ids)
-        self.bos_id, self.eot_id = self.sp.bos_id(), self.special_ids[EOT]
-        if self.bos_id < 0:
-            raise ValueError(f"{self.path} has no BOS token")
+        self.bos_id, self.eos_id, self.eot_id = self.sp.bos_id(), self.sp.eos_id(), self.special_ids.get(EOT)
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{self.path} has no BOS or no EOS token")
 
     def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=threads)
@@ -128,6 +131,8 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
     per_message_norm, a message's weight is spread over its tokens (w / n_tokens). With inference=True
     the ids end with the assistant prefix, ready for the model to answer (weights are then irrelevant).
     `encoded`: the SentencePiece ids of [system] + message texts, when the caller encoded them in bulk."""
+    if tokenizer.eot_id is None:
+        raise ValueError(f"the {tokenizer.template_name!r} template has no conversation turns")
     texts = ([system] if system else []) + [m.text for m in messages]
     encoded = tokenizer.encode(texts) if encoded is None else encoded
     ids, weights = [tokenizer.bos_id], [0.0]
@@ -471,8 +476,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if not cfg.out or not cfg.tokenizer or not (cfg.source or cfg.sources):
         raise ValueError("prepare needs --out, --tokenizer and --source (or --sources)")
     out = Path(cfg.out)
-    if out.exists() and not (out / "meta.json").exists():
-        raise FileExistsError(f"{out} exists and is not a dataset directory: refusing to replace it")
+    check_replaceable(out)
     start = time.perf_counter()
     sources = [parse_source_flag(s) for s in cfg.source]
     sources += read_source_spec(Path(cfg.sources)) if cfg.sources else []
@@ -482,17 +486,9 @@ def prepare(cfg: PrepareConfig) -> dict:
     n_records = len(conversations) + sum(counts.values()) - counts["leading_assistant_turns_removed"]
     rows = tokenize_all(conversations, sources, tokenizer, cfg, counts)
 
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    n_holdout = round(cfg.holdout * len(rows))
-    splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
-              "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
     bad_reasons = ("malformed_json", "missing_field", "wrong_type", "unknown_role", "empty_conversation",
                    "empty_message", "invalid_utf8", "bad_weight", "too_long")
-    meta = {
-        "format": 1,
-        "tokenizer": {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
-                      "base_vocab_size": tokenizer.base_vocab_size, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "special_tokens": tokenizer.special_ids},
+    how = {
         "template": cfg.template,
         "inference_condition": expert_condition(sources, tokenizer.template),
         "conditions": sorted({c.condition for c in conversations}),
@@ -505,7 +501,68 @@ def prepare(cfg: PrepareConfig) -> dict:
         "skipped_bad_input": {r: counts[r] for r in bad_reasons if counts[r]},
         "dropped": {"no_supervised_token": counts["no_supervised_token"]},
         "modified": {k: counts[k] for k in ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")},
-        "splits": {name: split_stats(split, len(sources)) for name, split in splits.items()},
+    }
+    meta = write_dataset(out, rows, tokenizer, how, cfg.holdout, cfg.seed)
+    print_summary(meta, time.perf_counter() - start)
+    return meta
+
+
+def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout: float = 0.0, seed: int = 0) -> dict:
+    """A base model's pretraining corpus → a dataset directory that train.py reads like any other. The
+    corpus is JSONL of {"text"}; each document becomes BOS + its pieces + EOS and every token is learned
+    with weight 1: plain language modelling, no template, no condition, one class."""
+    check_replaceable(Path(out))
+    start = time.perf_counter()
+    tokenizer = Tokenizer(tokenizer_path, "text")
+    records = read_texts(Path(corpus))
+    rows = []
+    for pieces, (_, where) in zip(tokenizer.encode([t for t, _ in records], threads=os.cpu_count() or 1), records):
+        ids = [tokenizer.bos_id] + pieces + [tokenizer.eos_id]
+        if len(ids) > max_len:
+            raise BadInput("too_long", where, f"{len(ids)} tokens, longer than max_len={max_len}")
+        # Shifted as a conversation's weights: position t predicts token t+1, every one of them learned.
+        rows.append((np.array(ids, dtype=np.int32), np.array([1.0] * (len(ids) - 1) + [0.0], dtype=np.float32), 0))
+    how = {"template": "text", "inference_condition": "", "conditions": [""],
+           "sources": [{"condition": "", "weight": 1.0, "files": [str(corpus)]}], "max_len": max_len,
+           "options": {"holdout": holdout, "seed": seed}, "read": {"records": len(records)},
+           "skipped_bad_input": {}, "dropped": {}, "modified": {}}
+    meta = write_dataset(Path(out), rows, tokenizer, how, holdout, seed)
+    print_summary(meta, time.perf_counter() - start)
+    return meta
+
+
+def read_texts(path: Path) -> list[tuple[str, str]]:
+    """(text, where) for each record {"text"} of a plain-text JSONL file; bad input names file and line."""
+    texts = []
+    for record, where in read_records(path):
+        if isinstance(record, BadInput):
+            raise record
+        if not isinstance(record, dict):
+            raise BadInput("wrong_type", where, f"a record must be a JSON object, not {type(record).__name__}")
+        texts.append((checked_text(get_field(record, "text", str, where, "the record"), where, "the text"), where))
+    return texts
+
+
+def check_replaceable(out: Path):
+    if out.exists() and not (out / "meta.json").exists():
+        raise FileExistsError(f"{out} exists and is not a dataset directory: refusing to replace it")
+
+
+def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: float, seed: int) -> dict:
+    """The rows split at random into train and holdout, written with the tokenizer itself and meta.json:
+    the tokenizer's description, `how` the dataset was made and each split's counts. Written under a
+    temporary name and renamed when complete; returns meta."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_holdout = round(holdout * len(rows))
+    splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
+              "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
+    meta = {
+        "format": 1,
+        "tokenizer": {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
+                      "base_vocab_size": tokenizer.base_vocab_size, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "special_tokens": tokenizer.special_ids},
+        **how,
+        "splits": {name: split_stats(split, len(how["sources"])) for name, split in splits.items()},
     }
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -514,7 +571,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # the dataset carries its tokenizer
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     replace_directory(tmp, out)
-    print_summary(meta, time.perf_counter() - start)
     return meta
 
 
@@ -662,6 +718,7 @@ def pack_stream(split: Split, conversations: list[int]) -> dict:
 @dataclass
 class TokenizerConfig:
     corpus: list[str] = arg([], "ShareGPT or OpenChat files whose message texts train the tokenizer")
+    text: list[str] = arg([], "plain-text JSONL files ({\"text\"}), such as a base model's corpus, to learn from too")
     vocab_size: int = arg(4096, "vocabulary size, before the template's special tokens")
     conditions: list[str] = arg([], "conditions whose role prefixes the corpus includes, one per message")
     split_digits: bool = arg(True, "one piece per digit, as Llama's and Mistral's tokenizers have")
@@ -676,13 +733,19 @@ def train_tokenizer(cfg: TokenizerConfig):
     texts = [t for c in conversations for t in ([c.system] if c.system else []) + [m.text for m in c.messages]]
     # The role prefixes as the template will write them, so that "GPT4 Assistant:" gets whole pieces.
     texts += [role_prefix(m.role, condition) for c in conversations for m in c.messages for condition in cfg.conditions]
+    texts += [text for path in cfg.text for text, _ in read_texts(Path(path))]
+    # No piece joins a digit to a letter or punctuation ("12." stays "12" + "."), as GPT-2-style
+    # pre-tokenizers keep numbers apart: a delimiter pieces never cross, seen only in training.
+    texts = [re.sub(r"(?<=\d)(?=[^\d\s])|(?<=[^\d\s])(?=\d)", "\x1f", t) for t in texts]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=cfg.vocab_size, model_type="bpe",
         byte_fallback=True, split_digits=cfg.split_digits, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        pretokenization_delimiter="\x1f")
     write_atomically(Path(cfg.out), model.getvalue())
-    print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(conversations):,} conversations"
+    print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(conversations):,} conversations and {len(cfg.text)} "
+          f"text file(s)"
           + (f" (skipped bad records: {dict(counts)})" if counts else ""))
 
 

@@ -6,17 +6,14 @@
   python eval.py mc --checkpoint DIR --tasks F.jsonl ...   multiple choice ({question, label, options}, e.g.
                                                            AGIEval): first capital letter, and log-likelihood
   python eval.py mtbench --checkpoint DIR --questions question.jsonl --output answers.jsonl
-  python eval.py ablation                                  the six variants of SPEC §7 on the demo task
 
-Read top to bottom: the four evaluations of one checkpoint, then the ablation, which trains each variant
-with train.py and scores it with the demo evaluation.
+Read top to bottom: the four evaluations of one checkpoint, then their commands. The paper's ablation, which
+trains every variant and scores it with the demo evaluation, is ablation.py.
 """
 
 import json
 import math
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -30,9 +27,6 @@ import data
 from cli import arg, parse
 from model import read_json, write_atomically
 from sample import Generator, right_padded
-
-ROOT = Path(__file__).resolve().parent
-
 
 @dataclass
 class EvalConfig:
@@ -53,15 +47,16 @@ def write_text(path: Path, text: str):
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
-def in_batches(items, size: int, what: str):
-    """Yields slices of items, printing progress and the rate as it goes."""
+def in_batches(items, size: int, what: str, progress=True):
+    """Yields slices of items, printing progress and the rate as it goes (unless progress is False)."""
     start = time.perf_counter()
     for i in range(0, len(items), size):
         yield items[i:i + size]
         done = min(i + size, len(items))
         elapsed = time.perf_counter() - start
-        print(f"{what}: {done}/{len(items)}, {done / elapsed:.1f}/s, ETA {(len(items) - done) * elapsed / done:.0f}s",
-              file=sys.stderr, flush=True)
+        if progress:
+            print(f"{what}: {done}/{len(items)}, {done / elapsed:.1f}/s, "
+                  f"ETA {(len(items) - done) * elapsed / done:.0f}s", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,7 +64,8 @@ def in_batches(items, size: int, what: str):
 
 
 @torch.no_grad()
-def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_batch: int = 4096) -> dict:
+def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_batch: int = 4096,
+                  progress=True) -> dict:
     meta = data.load_meta(dataset)
     if meta["tokenizer"]["sha256"] != gen.tokenizer.sha256:
         raise ValueError(f"{dataset} was tokenized with another tokenizer than {gen.name}'s")
@@ -86,7 +82,7 @@ def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_bat
         current.append(i)
         size += int(n)
     batches.append(current)
-    for [conversations] in in_batches(batches, 1, "loss batches"):
+    for [conversations] in in_batches(batches, 1, "loss batches", progress):
         s = data.pack_stream(split, conversations)
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(gen.device) for k, v in s.items()}
         _, ce, _ = gen.model(t["tokens"], t["positions"], t["cu_seqlens"], targets=t["targets"],
@@ -112,10 +108,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [record for record, _ in records]
 
 
-def demo_accuracy(gen: Generator, items: list[dict], condition: str, batch_size=64, max_new_tokens=32) -> dict:
+def demo_accuracy(gen: Generator, items: list[dict], condition: str, batch_size=64, max_new_tokens=32,
+                  progress=True) -> dict:
     """Greedy answers to the held-out demo prompts under one condition, scored."""
     answers = []
-    for chunk in in_batches(items, batch_size, f"demo, condition {condition!r}"):
+    for chunk in in_batches(items, batch_size, f"demo, condition {condition!r}", progress):
         prompts = [gen.prompt_ids([data.Message("user", it["prompt"])], condition) for it in chunk]
         answers += [c.text for c in gen.generate(prompts, max_new_tokens=max_new_tokens)]
     return {"condition": condition, **score_demo_answers(answers, items)}
@@ -268,174 +265,14 @@ def run_mtbench(cfg: EvalConfig):
     print(f"wrote {len(answers)} answers to {cfg.output}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# ablation: the paper's variants (SPEC §7) trained and scored on the demo task
-
-
-@dataclass
-class AblationConfig:
-    out: str = arg("runs/ablation", "directory for the runs, the table (ablation.md) and results.json")
-    demo: str = arg("data/demo", "the demo data of `python data.py demo` (made when missing)")
-    seeds: int = arg(3, "training seeds per variant")
-    steps: int = arg(800, "optimizer steps of every run (the same for every variant)")
-    batch_max_len: int = arg(1024, "tokens per packed stream")
-    lr: float = arg(2e-3, "peak learning rate")
-    model: str = arg("demo", "model preset")
-    max_new_tokens: int = arg(32, "longest answer at evaluation")
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    sources: tuple  # (file of the demo, condition, class weight) per source; empty: scored from another's runs
-    condition: str  # the condition of the prompts at evaluation ("" : the plain "User:" / "Assistant:")
-    paper: str  # SPEC §7: the average of AlpacaEval, MT-bench and Vicuna-bench for this variant
-    runs_of: str = ""  # an evaluation-only variant: the variant whose trained models it scores
-
-
-EXPERT, SUBOPTIMAL = "expert.json", "suboptimal.jsonl"
-VARIANTS = (
-    Variant("C-RLFT (condition + weights)", ((EXPERT, "GPT4", 1.0), (SUBOPTIMAL, "GPT3", 0.1)), "GPT4", "77.3"),
-    Variant("C-RLFT, prompted with the sub-optimal condition", (), "GPT3", "lower than 77.3",
-            runs_of="C-RLFT (condition + weights)"),
-    Variant("condition only (equal weights)", ((EXPERT, "GPT4", 1.0), (SUBOPTIMAL, "GPT3", 1.0)), "GPT4", "74.0"),
-    Variant("weights only (no condition)", ((EXPERT, "", 1.0), (SUBOPTIMAL, "", 0.1)), "", "60.5"),
-    Variant("SFT on all data", ((EXPERT, "", 1.0), (SUBOPTIMAL, "", 1.0)), "", "52.7"),
-    Variant("SFT on expert data only", ((EXPERT, "", 1.0),), "", "64.5"),
-    Variant("SFT on sub-optimal data only", ((SUBOPTIMAL, "", 1.0),), "", "42.8"),
-)
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower().split(" (")[0]).strip("-")
-
-
-def prepare_variant(variant: Variant, demo: Path, out: Path) -> Path:
-    """The variant's dataset: the demo's files under its conditions and weights, the demo's tokenizer."""
-    dataset = out / slug(variant.name) / "dataset"
-    if not (dataset / "meta.json").exists():
-        data.prepare(data.PrepareConfig(
-            source=[f"{condition}:{weight}:{demo / file}" for file, condition, weight in variant.sources],
-            tokenizer=str(demo / "tokenizer.model"), template="openchat_v3.2", out=str(dataset), max_len=256))
-    return dataset
-
-
-def train_run(cfg: AblationConfig, dataset: Path, run: Path, seed: int, steps: int) -> Path:
-    """One training by train.py; returns its last export."""
-    tokens = data.load_meta(dataset)["splits"]["train"]["tokens"]
-    epochs = math.ceil(steps / (0.9 * tokens / cfg.batch_max_len)) + 1  # enough epochs for the steps
-    shutil.rmtree(run, ignore_errors=True)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"--data={dataset}", f"--out={run}", f"--model={cfg.model}",
-         f"--max-steps={steps}", f"--epochs={epochs}", f"--seed={seed}", f"--lr={cfg.lr}",
-         f"--batch-max-len={cfg.batch_max_len}", "--log-every=100"], capture_output=True, text=True, cwd=ROOT)
-    if result.returncode:
-        raise RuntimeError(f"training {run} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    return max((run / "exports").iterdir(), key=lambda p: read_json(p / "crlft.json")["step"])
-
-
-def ablation(cfg: AblationConfig):
-    start, out, demo = time.perf_counter(), Path(cfg.out), Path(cfg.demo)
-    if not (demo / "dataset" / "meta.json").exists():
-        from demo import DemoConfig, make_demo
-        make_demo(DemoConfig(out=str(demo)))
-    items = read_jsonl(demo / "holdout.jsonl")
-    trained = [v for v in VARIANTS if v.sources]
-    datasets = {v.name: prepare_variant(v, demo, out) for v in trained}
-
-    # The expected time, from two short runs of the first variant (the difference gives the time per step,
-    # the rest is start-up) and one evaluation.
-    probes = {}
-    for steps in (10, 30):
-        probe = time.perf_counter()
-        export = train_run(cfg, datasets[trained[0].name], out / "probe", 0, steps)
-        probes[steps] = time.perf_counter() - probe
-    per_step, probe = (probes[30] - probes[10]) / 20, time.perf_counter()
-    demo_accuracy(Generator.load(export, device="cpu"), items, "GPT4", max_new_tokens=cfg.max_new_tokens)
-    evaluation_s = time.perf_counter() - probe
-    shutil.rmtree(out / "probe")
-    runs = len(trained) * cfg.seeds
-    expected = runs * (probes[10] - 10 * per_step + cfg.steps * per_step) + (runs + cfg.seeds) * evaluation_s
-    print(f"\nablation: {len(VARIANTS)} variants, {runs} training runs of {cfg.steps} steps ({len(trained)} trained "
-          f"variants × {cfg.seeds} seed(s)), {len(items)} held-out prompts; expected about {expected / 60:.0f} min "
-          f"({per_step:.2f}s a step, {evaluation_s:.0f}s an evaluation)\n", flush=True)
-
-    scores = {v.name: [] for v in VARIANTS}
-    metrics = {}
-    for k, (variant, seed) in enumerate([(v, s) for v in trained for s in range(cfg.seeds)]):
-        run = out / slug(variant.name) / f"seed-{seed}"
-        gen = Generator.load(train_run(cfg, datasets[variant.name], run, seed, cfg.steps), device="cpu")
-        metrics.setdefault(variant.name, read_jsonl(run / "metrics.jsonl"))
-        for v in VARIANTS:
-            if v is variant or v.runs_of == variant.name:
-                scores[v.name].append(demo_accuracy(gen, items, v.condition, max_new_tokens=cfg.max_new_tokens))
-        elapsed = time.perf_counter() - start
-        print(f"[{k + 1}/{runs}] {variant.name}, seed {seed}: {scores[variant.name][-1]['accuracy']:.1%}; "
-              f"{elapsed / 60:.1f} min, ETA {elapsed / (k + 1) * (runs - k - 1) / 60:.1f} min", flush=True)
-
-    table = ablation_table(scores, cfg, time.perf_counter() - start)
-    print("\n" + table)
-    write_text(out / "ablation.md", table)
-    write_text(out / "results.json", json.dumps({"config": cfg.__dict__, "scores": scores}, indent=1))
-    plot(scores, metrics, out / "ablation.png")
-
-
-def mean_std(values) -> str:
-    values = [100 * v for v in values]
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
-
-def ablation_table(scores: dict, cfg: AblationConfig, seconds: float) -> str:
-    rows = ["| variant | prompted with | exact match, % | mixed widths, % | one width, % | in text order, %* | "
-            "paper (avg. of 3 benchmarks) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for v in VARIANTS:
-        s = scores[v.name]
-        rows.append(f"| {v.name} | {v.condition or '(no condition)'} | {mean_std([r['accuracy'] for r in s])} | "
-                    f"{mean_std([r['mixed'] for r in s])} | {mean_std([r['one_width'] for r in s])} | "
-                    f"{mean_std([r['text_order'] for r in s])} | {v.paper} |")
-    n = scores[VARIANTS[0].name][0]["prompts"]
-    spread = f"Mean ± standard deviation over {cfg.seeds} seeds" if cfg.seeds > 1 else "One seed"
-    return "\n".join(rows) + (
-        f"\n\n{spread} of greedy exact match on {n} held-out prompts; every "
-        f"variant trained for {cfg.steps} steps of {cfg.batch_max_len} tokens ({cfg.model} model, lr {cfg.lr}). "
-        f"*Answers in the sub-optimal source's text order, among the prompts where that order is wrong. "
-        f"Wall time {seconds / 60:.1f} min.\n")
-
-
-def plot(scores: dict, metrics: dict, path: Path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (the table has the figures)")
-        return
-    figure, (bars, curves) = plt.subplots(1, 2, figsize=(13, 4.5))
-    names = list(scores)
-    means = [100 * statistics.mean(r["accuracy"] for r in scores[n]) for n in names]
-    errors = [100 * statistics.stdev(r["accuracy"] for r in scores[n]) if len(scores[n]) > 1 else 0 for n in names]
-    bars.barh(names[::-1], means[::-1], xerr=errors[::-1], color="tab:blue")
-    bars.set_xlabel("held-out exact match, %")
-    for name, rows in metrics.items():
-        curves.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
-    curves.set(xlabel="step", ylabel="training loss (weighted)", yscale="log")
-    curves.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    print(f"plot: {path}")
-
-
 COMMANDS = {"loss": run_loss, "demo": run_demo, "mc": run_mc, "mtbench": run_mtbench}
 
 
 def main(argv):
-    if not argv or argv[0] not in (*COMMANDS, "ablation"):
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__ + "\n`python eval.py COMMAND --help` lists a command's options.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "ablation":
-        ablation(parse(AblationConfig, argv[1:], "the paper's ablation on the demo task"))
-    else:
-        COMMANDS[argv[0]](parse(EvalConfig, argv[1:], __doc__))
+    COMMANDS[argv[0]](parse(EvalConfig, argv[1:], __doc__))
     return 0
 
 

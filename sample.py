@@ -2,7 +2,7 @@
 HTTP endpoint. Prompts are built by data.py's tokenize_conversation in inference mode, the very template
 of training, at the checkpoint's inference condition (the expert's, SPEC §1) unless told otherwise.
 
-  python sample.py --checkpoint runs/demo/exports/epoch-2                          # chat
+  python sample.py --checkpoint runs/demo/exports/epoch-5                          # chat
   python sample.py --checkpoint DIR --prompt "Sort these numbers from smallest to largest: 12 9 3"
   python sample.py --checkpoint DIR --input questions.jsonl --output answers.jsonl
   python sample.py --checkpoint DIR --serve --port 8000                            # POST /v1/chat/completions

@@ -1,7 +1,7 @@
 """C-RLFT training: packed conversations and the fused weighted loss, normalised over the whole optimizer
 step (SPEC §2), under FSDP2. One code path for one process and for torchrun.
 
-  python train.py                       # the demo on CPU: makes data/demo if missing, trains from scratch
+  python train.py                       # the demo on CPU: data/demo and the demo's base if missing, then C-RLFT
   torchrun --nproc_per_node=8 train.py --preset=openchat-13b --base=Llama-2-13b-hf --data=data/mine
   python train.py --help                # every option, with its default (a preset's values when given)
 
@@ -13,6 +13,7 @@ Read top to bottom:
   5. The step: Σ w·CE / Σ w over all ranks and micro-batches, exactly.
   6. Checkpoints (torch.distributed.checkpoint, resumable) and Hugging Face exports.
   7. The loop: logging, faults, the end.
+  8. The demo's data and base model, made when missing.
 """
 
 import hashlib
@@ -21,6 +22,7 @@ import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -48,14 +50,15 @@ from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter
 class TrainConfig:
     preset: str = arg("demo", "recipe whose values become the defaults of the other flags (see PRESETS)")
     data: str = arg("data/demo/dataset", "dataset directory made by `python data.py prepare`")
-    base: str = arg("", "Hugging Face folder of the base model; empty: train from scratch with --model")
+    base: str = arg("", "Hugging Face folder of the base model; empty: train from scratch with --model (the "
+                        "demo preset: the demo's base, made when missing)")
     model: str = arg("demo", "model preset when training from scratch (model.py PRESETS)")
     out: str = arg("runs/demo", "run directory: metrics.jsonl, checkpoints/, exports/")
-    epochs: int = arg(2, "passes over the data")
+    epochs: int = arg(5, "passes over the data")
     max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
-    batch_max_len: int = arg(1024, "tokens in one packed stream: one rank's micro-batch")
+    batch_max_len: int = arg(4096, "tokens in one packed stream: one rank's micro-batch")
     grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
-    lr: float = arg(2e-3, "peak learning rate; 0: SPEC §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
+    lr: float = arg(1.5e-3, "peak learning rate; 0: SPEC §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
                          "supervised tokens per optimizer step")
     lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 Mistral, 1/5.3 Llama-3)")
     warmup: float = arg(0.05, "fraction of the steps with a linear warm-up")
@@ -76,8 +79,13 @@ class TrainConfig:
     export_dtype: str = arg("bfloat16", "dtype of the Hugging Face exports")
 
 
+DEMO_BASE = "runs/demo-base/exports/epoch-1"
 PRESETS = {
-    "demo": {},  # the field defaults: the sorting demo, from scratch on a CPU in under 5 minutes
+    # The sorting demo on a CPU, base included in under 5 minutes: the field defaults, from the demo's base.
+    "demo": dict(base=DEMO_BASE),
+    # The demo's base model: this same code as a plain language model (every token weight 1, no template)
+    # for one pass over the demo's base corpus (demo.py). `python train.py` makes it when it is missing.
+    "demo-base": dict(data="data/demo/base-corpus", out="runs/demo-base", epochs=1, lr=3e-3, log_every=50),
     # The paper's model (SPEC §6): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5 epochs,
     # AdamW (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0, 5% warm-up and cosine to 10%, automatic lr.
     "openchat-13b": dict(data="", model="Llama-2-13B", out="runs/openchat-13b", epochs=5, batch_max_len=32768,
@@ -89,11 +97,15 @@ PRESETS = {
 
 
 def load_config(argv) -> TrainConfig:
-    """--preset first, then every other flag over the preset's values."""
+    """--preset first, then every other flag over the preset's values. The demo's base goes with the demo's
+    data: other --data without a --base starts from scratch."""
     preset = parse(TrainConfig, argv, __doc__).preset
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    return parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **PRESETS[preset]))
+    cfg = parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **PRESETS[preset]))
+    if cfg.base == DEMO_BASE and cfg.data != TrainConfig.data and not any(a.startswith("--base") for a in argv):
+        cfg = replace(cfg, base="")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -564,15 +576,47 @@ def log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, pea
                   start=time.perf_counter())
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 8. The demo's data and base model, made when missing
+
+
+def ensure_demo_data(demo=None):
+    """The demo data (demo.py; data/demo by default), made again when it is missing or was made by other
+    code or with other parameters."""
+    from demo import DemoConfig, is_current, make_demo
+    demo = demo or DemoConfig()
+    if not is_current(demo):
+        print(f"making the demo data in {demo.out}", flush=True)
+        make_demo(demo)
+    return demo
+
+
+def ensure_demo_base(demo=None, base_argv=("--preset=demo-base",)) -> Path:
+    """The demo's base model (preset demo-base), pretrained again when it is missing or when the demo data
+    or the preset have changed: a run of its own, in a process of its own. Returns its export."""
+    demo = ensure_demo_data(demo)
+    base = load_config(list(base_argv))
+    made_with = {"demo": read_json(Path(demo.out) / "demo.json"), "train": asdict(base)}
+    record, export = Path(base.out) / "made_with.json", Path(base.out) / "exports" / f"epoch-{base.epochs}"
+    if record.exists() and read_json(record) == made_with and (export / "config.json").exists():
+        return export
+    print(f"pretraining the demo's base model into {base.out}", flush=True)
+    shutil.rmtree(base.out, ignore_errors=True)
+    if subprocess.run([sys.executable, str(Path(__file__).resolve()), *base_argv]).returncode:
+        raise SystemExit("pretraining the demo's base model failed (see above)")
+    write_json(record, made_with)
+    return export
+
+
 def main(argv):
     cfg = load_config(argv)
     if not cfg.data:
         raise SystemExit(f"--data is required with --preset={cfg.preset}")
-    demo_data = cfg.preset == "demo" and cfg.data == TrainConfig.data
-    if demo_data and not Path(cfg.data, "meta.json").exists() and "RANK" not in os.environ:
-        from demo import DemoConfig, make_demo
-        print(f"{cfg.data} is missing: making the demo data first", flush=True)
-        make_demo(DemoConfig(out=str(Path(cfg.data).parent)))
+    if "RANK" not in os.environ:  # under torchrun, the demo's data and base must be made beforehand
+        if cfg.preset == "demo-base" and cfg.data == PRESETS["demo-base"]["data"]:
+            ensure_demo_data()
+        if cfg.preset == "demo" and (cfg.data, cfg.base) == (TrainConfig.data, DEMO_BASE):
+            ensure_demo_base()
     setup_processes()
     try:
         train(cfg)

@@ -24,7 +24,8 @@ PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these num
 def export(tmp_path_factory):
     """A tiny model trained for a few seconds on the demo task: enough to answer and to end its turns."""
     tmp = tmp_path_factory.mktemp("sample")
-    make_demo(DemoConfig(out=str(tmp / "demo"), conversations=240, holdout_prompts=20, vocab_size=360, seed=1))
+    make_demo(DemoConfig(out=str(tmp / "demo"), conversations=240, holdout_prompts=20, validation_prompts=20,
+                         base_documents=200, vocab_size=420, seed=1))
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data={tmp / 'demo' / 'dataset'}",
                           f"--out={tmp / 'run'}", "--model=tiny", "--lr=3e-3", "--epochs=4", "--batch-max-len=256"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from model import ModelConfig, Transformer
 def dataset(tmp_path_factory):
     """The demo task, small: 240 conversations, about 12k tokens, two sources weighing 1.0 and 0.1."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, vocab_size=360, seed=1))
+    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, validation_prompts=20,
+                         base_documents=200, vocab_size=420, seed=1))
     return out / "dataset"
 
 
@@ -100,6 +102,10 @@ def test_the_recipe_presets_and_the_learning_rate_schedule():
     assert (cfg.model, cfg.batch_max_len, cfg.epochs, cfg.activation_checkpointing) == ("Llama-2-13B", 32768, 2, True)
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-5, 0.1, 1.0)
     assert cfg.lr == 0 and train.load_config(["--preset=mistral-7b"]).lr_scale == pytest.approx(1 / 6)
+    # the demo fine-tunes the demo's base; other data with the demo preset starts from scratch unless told
+    assert train.load_config([]).base == train.DEMO_BASE and train.load_config(["--data=d"]).base == ""
+    assert train.load_config(["--data=d", f"--base={train.DEMO_BASE}"]).base == train.DEMO_BASE
+    assert train.load_config(["--preset=demo-base"]).base == ""
     assert train.auto_lr(200_000) == pytest.approx(6.7e-5, rel=0.01)  # the paper's step
     lrs = [train.learning_rate(s, 200, 1.0, cfg) for s in range(200)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0  # 5% warm-up: 10 steps
@@ -207,6 +213,37 @@ def test_the_demo_config_overfits_a_small_batch(dataset):
         optimizer.zero_grad()
     ce, correct, weight = stats.sum(0).tolist()
     assert ce / weight < 0.05 and correct == weight  # every supervised token right
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo's base model
+
+
+def test_the_demo_base_is_pretrained_once_as_a_plain_language_model_and_fine_tuned_from(tmp_path, capfd):
+    """ensure_demo_base pretrains with train.py's preset demo-base when the base is missing, reuses it while the
+    demo data and the preset are unchanged and pretrains again when either changes. The base has the
+    tokenizer's own vocabulary, no chat template and EOS as its end; fine-tuning it adds the EOT row."""
+    demo = DemoConfig(out=str(tmp_path / "demo"), conversations=240, holdout_prompts=10, validation_prompts=10,
+                      base_documents=200, vocab_size=420, seed=2)
+    argv = ["--preset=demo-base", f"--data={tmp_path}/demo/base-corpus", f"--out={tmp_path}/base", "--model=tiny",
+            "--batch-max-len=1024", "--export-dtype=float32"]
+    export = train.ensure_demo_base(demo, argv)
+    assert "pretraining the demo's base model" in capfd.readouterr().out
+    config = json.loads((export / "config.json").read_text())
+    assert (config["vocab_size"], config["eos_token_id"]) == (420, 2)
+    assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
+    made = (export / "model.safetensors").stat().st_mtime_ns
+
+    assert train.ensure_demo_base(demo, argv) == export  # unchanged: reused
+    assert "pretraining" not in capfd.readouterr().out and (export / "model.safetensors").stat().st_mtime_ns == made
+    train.ensure_demo_base(demo, argv + ["--lr=1e-3"])  # another preset: pretrained again
+    assert "pretraining" in capfd.readouterr().out
+    train.ensure_demo_base(replace(demo, seed=3), argv + ["--lr=1e-3"])  # other demo data: both made again
+    assert "making the demo data" in (out := capfd.readouterr().out) and "pretraining" in out
+
+    run(small_run(tmp_path / "demo" / "dataset", tmp_path / "tuned", "--base", export, "--max-steps=2"))
+    tuned = json.loads((tmp_path / "tuned" / "exports" / "step-2" / "config.json").read_text())
+    assert tuned["vocab_size"] == 421 and tuned["eos_token_id"] == 420  # <|end_of_turn|> appended
 
 
 # ---------------------------------------------------------------------------------------------------------
