@@ -41,7 +41,7 @@ import torch
 import data
 import train
 from cli import arg, parse
-from demo import DemoConfig, draw_prompts, number_list, statements, words, write_conversations
+from demo import config_of, draw_prompts, number_list, statements, words, write_conversations
 from eval import demo_accuracy, held_out_loss, read_jsonl, write_text
 from model import read_json
 from sample import Generator
@@ -127,16 +127,10 @@ def conversation_files(cfg: AblationConfig, arm_name: str) -> Path:
         return demo
     folder = Path(cfg.out) / arm_name / "conversations"
     folder.mkdir(parents=True, exist_ok=True)
-    made = demo_config(demo)
+    made = config_of(demo)
     varied = replace(made, **dict(arm.noise))
     write_conversations(varied, draw_prompts(varied)[2], folder)
     return folder
-
-
-def demo_config(demo: Path) -> DemoConfig:
-    """The configuration the demo data was made with (demo.json)."""
-    made = read_json(demo / "demo.json")
-    return DemoConfig(**{f: made[f] for f in DemoConfig.__dataclass_fields__})
 
 
 def prepare_dataset(sources, files: Path, demo: Path, out: Path) -> Path:
@@ -403,7 +397,7 @@ def base_report(cfg: AblationConfig, lists: int = 200) -> dict:
     smallest is" → "3")."""
     gen = Generator.load(cfg.base, device="cpu")
     loss = held_out_loss(gen, Path(cfg.demo) / "base-corpus", "holdout", progress=False)["loss"]
-    made = demo_config(Path(cfg.demo))
+    made = config_of(Path(cfg.demo))
     rng, asked = random.Random(f"{made.seed}/skills"), {}
     for _ in range(lists):
         numbers, _ = number_list(rng, made, made.min_numbers, made.max_numbers)

@@ -227,6 +227,12 @@ def made_with(cfg: DemoConfig) -> dict:
     return {**asdict(cfg), "generator": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
 
 
+def config_of(out: Path) -> DemoConfig:
+    """The configuration the demo data in `out` was made with (its demo.json)."""
+    made = json.loads((Path(out) / "demo.json").read_text())
+    return DemoConfig(**{f: made[f] for f in DemoConfig.__dataclass_fields__})
+
+
 def is_current(cfg: DemoConfig) -> bool:
     """Whether cfg.out holds demo data made by this code with exactly this configuration."""
     made = Path(cfg.out) / "demo.json"

@@ -16,7 +16,7 @@ from conftest import MISTRAL_TOKENIZER, ROOT
 from data import (TEMPLATES, BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer,
                   expert_condition, load_meta, load_split, multipack, pack_stream, packing_efficiency, parse_record,
                   prepare, prepare_text, read_records, tokenize_conversation, train_tokenizer)
-from demo import DemoConfig, draw_prompts, make_demo, write_conversations
+from demo import DemoConfig, config_of, draw_prompts, make_demo, write_conversations
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
 EOT = 32000
@@ -472,7 +472,7 @@ def test_the_demo_data_is_mixed_quality_with_disjoint_validation_and_held_out_pr
 def test_the_demo_variations_keep_the_prompts_and_add_the_declared_noise(demo_dir, tmp_path):
     """random_errors swaps two neighbours of the right order in that share of sub-optimal answers;
     mislabelled files that share of each source under the other; the prompts stay those of the demo."""
-    made = DemoConfig(**{k: v for k, v in json.loads((demo_dir / "demo.json").read_text()).items() if k != "generator"})
+    made = config_of(demo_dir)
     plain = conversations_of(demo_dir)
     for field, share in (("random_errors", 0.5), ("mislabelled", 0.2)):
         varied = replace(made, **{field: share})
