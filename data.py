@@ -43,27 +43,33 @@ EOT = "<|end_of_turn|>"
 
 @dataclass(frozen=True)
 class Template:
-    """OpenChat's templates: BOS, [system + EOT], then per turn "{condition} User:" or "{condition}
-    Assistant:", the message text and EOT. The two families differ in their special tokens and in the
-    condition used at inference."""
-    special_tokens: tuple[str, ...]
+    """OpenChat's templates: BOS, [system + EOT], then per turn a role prefix that carries the condition
+    ("GPT4 User:"), the message text and EOT. The families differ in how a prefix is written, in their special
+    tokens and in the condition used at inference."""
+    eot: str | None  # the token ending every turn; None: no turns (the "text" template)
+    special_tokens: tuple[str, ...]  # what the template writes as single ids: the tokenizer's own, or new rows
     inference_condition: str
+    header: tuple[str, str] | None = None  # 3.6: the role between Llama-3's header tokens; the system is a role
+
+    def role_prefix(self, role: str, condition: str) -> str:
+        """The text before a message, special tokens spelt out: "GPT4 User:" (v3.2, 3.5) or
+        "<|start_header_id|>GPT4 User<|end_header_id|>\n\n" (3.6); with no condition, "User:" (the
+        ablations' "no condition" variant)."""
+        name = f"{condition} {ROLE_NAMES[role]}".strip()
+        return f"{self.header[0]}{name}{self.header[1]}" if self.header else f"{name}:"
 
 
 TEMPLATES = {
-    "openchat_v3.2": Template((EOT,), "GPT4"),  # the paper's model (Llama-2-13B): GPT4 / GPT3 conditions
-    "openchat_3.5": Template((EOT, "<|pad_0|>"), "GPT4 Correct"),  # Mistral-7B
+    "openchat_v3.2": Template(EOT, (EOT,), "GPT4"),  # the paper's model (Llama-2-13B): GPT4 / GPT3 conditions
+    "openchat_3.5": Template(EOT, (EOT, "<|pad_0|>"), "GPT4 Correct"),  # Mistral-7B
+    # OpenChat 3.6 (Llama-3-8B): Llama-3's own header and end-of-turn tokens, no new rows on its vocabulary.
+    "openchat_3.6": Template("<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "GPT4 Correct",
+                             header=("<|start_header_id|>", "<|end_header_id|>\n\n")),
     # Not a chat template: a base model's pretraining corpus (prepare_text), documents of plain text with
     # no roles, no conditions and no special tokens. The demo's base model is pretrained on one.
-    "text": Template((), ""),
+    "text": Template(None, (), ""),
 }
-ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
-
-
-def role_prefix(role: str, condition: str) -> str:
-    """"{condition} User:" or "{condition} Assistant:"; with no condition, "User:" (the ablations' "no
-    condition" variant)."""
-    return f"{condition} {ROLE_NAMES[role]}:" if condition else f"{ROLE_NAMES[role]}:"
+ROLE_NAMES = {"user": "User", "assistant": "Assistant", "system": "System"}
 
 
 @dataclass
@@ -73,9 +79,70 @@ class Message:
     weight: float | None = None  # a message's own weight (OpenChat JSONL) wins over its class weight
 
 
+class SentencePiece:
+    """A SentencePiece .model (Llama-2, Mistral, the demo's own)."""
+    file_name = "tokenizer.model"
+
+    def __init__(self, path: Path):
+        self.path, self.sp = path, spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.get_piece_size(), self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{path} has no BOS or no EOS token")
+
+    def special_id(self, token: str) -> int | None:
+        if self.sp.piece_to_id(token) != self.sp.unk_id():
+            raise ValueError(f"{self.path} already has a piece {token}: SentencePiece would then find it inside "
+                             f"message text; use a model without it")
+        return None
+
+    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (byte-level BPE: Llama-3, Qwen2, SmolLM2, GPT-2) through the `tokenizers`
+    library. Special tokens typed in text are not recognised (encode_special_tokens); BOS is what the
+    tokenizer's post-processor puts before a text, if anything (OpenChat's rule: the ids of "")."""
+    file_name = "tokenizer.json"
+
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer as Backend
+        except ImportError:
+            raise ValueError(f"{path} needs the `tokenizers` library: pip install tokenizers==0.23.3") from None
+        try:
+            self.tok = Backend.from_file(str(path))
+        except Exception as e:  # the library raises its own exception type for a bad file
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library reads: {e}") from None
+        self.tok.encode_special_tokens = True
+        self.path, self.vocab_size = path, self.tok.get_vocab_size(with_added_tokens=True)
+        before = self.tok.encode("", add_special_tokens=True).ids
+        if len(before) > 1:
+            raise ValueError(f"{path}: its post-processor puts {len(before)} tokens around a text; one BOS at most")
+        self.bos_id, self.eos_id = (before or [None])[0], None  # an EOS is not a tokenizer.json's notion
+
+    def special_id(self, token: str) -> int | None:
+        i = self.tok.token_to_id(token)
+        if i is not None and not getattr(self.tok.get_added_tokens_decoder().get(i), "special", False):
+            raise ValueError(f"{self.path} has {token} as an ordinary token: it would be found inside message "
+                             f"text; use a tokenizer where it is a special token or absent")
+        return i
+
+    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
 class Tokenizer:
-    """A SentencePiece model with the template's special tokens appended after its vocabulary. Message
-    text goes through SentencePiece alone, so a special token typed in a message stays ordinary text."""
+    """A SentencePiece .model or a tokenizer.json, with the template's special tokens: the ones the
+    vocabulary has are used as they are (Llama-3's header tokens), the others get new rows after it
+    (SPEC §3: <|end_of_turn|> is 32000 on a 32k vocabulary). Message text is encoded with no special token
+    recognised, so one typed in a message stays ordinary text: only the template writes special ids."""
 
     def __init__(self, path, template: str):
         if template not in TEMPLATES:
@@ -83,36 +150,39 @@ class Tokenizer:
         self.path, self.template_name, self.template = Path(path), template, TEMPLATES[template]
         if not self.path.exists():
             raise FileNotFoundError(f"tokenizer {self.path} is missing")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.backend = HFTokenizer(self.path) if self.path.suffix == ".json" else SentencePiece(self.path)
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        self.base_vocab_size = self.sp.get_piece_size()
+        self.base_vocab_size = self.vocab_size = self.backend.vocab_size
+        self.special_ids = {}
         for token in self.template.special_tokens:
-            if self.sp.piece_to_id(token) != self.sp.unk_id():
-                raise ValueError(f"{self.path} already has a piece {token}: SentencePiece would then find it "
-                                 f"inside message text; use a model without it")
-        self.special_ids = {t: self.base_vocab_size + i for i, t in enumerate(self.template.special_tokens)}
-        self.vocab_size = self.base_vocab_size + len(self.special_ids)
-        self.bos_id, self.eos_id, self.eot_id = self.sp.bos_id(), self.sp.eos_id(), self.special_ids.get(EOT)
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path} has no BOS or no EOS token")
+            own = self.backend.special_id(token)
+            self.special_ids[token] = self.vocab_size if own is None else own
+            self.vocab_size += own is None
+        self.bos_id, self.eos_id = self.backend.bos_id, self.backend.eos_id
+        self.eot_id = self.special_ids.get(self.template.eot)
+        self.specials_in_prefix = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
 
     def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=threads)
+        return self.backend.encode(texts, threads)
 
     @lru_cache(maxsize=None)
     def prefix_ids(self, role: str, condition: str) -> list[int]:
-        return self.sp.encode(role_prefix(role, condition))
+        """A role prefix's ids: its special tokens as their ids, the text between them encoded."""
+        prefix = self.template.role_prefix(role, condition)
+        parts = self.specials_in_prefix.split(prefix) if self.special_ids else [prefix]
+        return [i for part in parts if part
+                for i in ([self.special_ids[part]] if part in self.special_ids else self.encode([part])[0])]
 
     def decode(self, ids) -> str:
         names = {i: t for t, i in self.special_ids.items()}
         pieces, run = [], []
         for i in ids:
             if i in names:
-                pieces += [self.sp.decode(run), names[i]]
+                pieces += [self.backend.decode(run), names[i]]
                 run = []
             else:
                 run.append(int(i))
-        return "".join(pieces + [self.sp.decode(run)])
+        return "".join(pieces + [self.backend.decode(run)])
 
 
 def message_weight(message: Message, class_weight: float) -> float:
@@ -135,10 +205,11 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
         raise ValueError(f"the {tokenizer.template_name!r} template has no conversation turns")
     texts = ([system] if system else []) + [m.text for m in messages]
     encoded = tokenizer.encode(texts) if encoded is None else encoded
-    ids, weights = [tokenizer.bos_id], [0.0]
-    if system:
-        ids += encoded[0] + [tokenizer.eot_id]
-        weights += [0.0] * (len(encoded[0]) + 1)
+    ids = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if system:  # 3.6 writes the system prompt as a role
+        system_prefix = tokenizer.prefix_ids("system", "") if tokenizer.template.header else []
+        ids += system_prefix + encoded[0] + [tokenizer.eot_id]
+    weights = [0.0] * len(ids)
     for message, text_ids in zip(messages, encoded[1:] if system else encoded):
         prefix = tokenizer.prefix_ids(message.role, condition)
         w = message_weight(message, class_weight)
@@ -358,7 +429,7 @@ def read_conversations(sources: list[Source], skip_bad: bool, counts: Counter) -
 class PrepareConfig:
     source: list[str] = arg([], "a source as CONDITION:WEIGHT:FILE[,FILE...] (repeat for each source)")
     sources: str = arg("", "or a JSON spec file: [{\"condition\", \"weight\", \"files\"}]")
-    tokenizer: str = arg("", "SentencePiece .model file")
+    tokenizer: str = arg("", "the base model's tokenizer: a SentencePiece .model or a tokenizer.json")
     template: str = arg("openchat_3.5", f"conversation template: {', '.join(TEMPLATES)}")
     out: str = arg("", "output directory (replaced if it holds a dataset)")
     max_len: int = arg(4096, "context length: the longest conversation in tokens")
@@ -514,10 +585,12 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
     check_replaceable(Path(out))
     start = time.perf_counter()
     tokenizer = Tokenizer(tokenizer_path, "text")
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise ValueError(f"{tokenizer_path}: a base corpus needs a tokenizer with BOS and EOS (a SentencePiece model)")
     records = read_texts(Path(corpus))
     rows = []
     for pieces, (_, where) in zip(tokenizer.encode([t for t, _ in records], threads=os.cpu_count() or 1), records):
-        ids = [tokenizer.bos_id] + pieces + [tokenizer.eos_id]
+        ids = [tokenizer.bos_id] + pieces + [tokenizer.eos_id]  # a SentencePiece model has both
         if len(ids) > max_len:
             raise BadInput("too_long", where, f"{len(ids)} tokens, longer than max_len={max_len}")
         # Shifted as a conversation's weights: position t predicts token t+1, every one of them learned.
@@ -558,8 +631,9 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
               "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
     meta = {
         "format": 1,
-        "tokenizer": {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
-                      "base_vocab_size": tokenizer.base_vocab_size, "vocab_size": tokenizer.vocab_size,
+        "tokenizer": {"path": str(tokenizer.path.resolve()), "file": tokenizer.backend.file_name,
+                      "sha256": tokenizer.sha256, "base_vocab_size": tokenizer.base_vocab_size,
+                      "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "special_tokens": tokenizer.special_ids},
         **how,
         "splits": {name: split_stats(split, len(how["sources"])) for name, split in splits.items()},
@@ -568,7 +642,7 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
     shutil.rmtree(tmp, ignore_errors=True)
     for name, split in splits.items():
         write_split(tmp / name, split)
-    shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # the dataset carries its tokenizer
+    shutil.copyfile(tokenizer.path, tmp / tokenizer.backend.file_name)  # the dataset carries its tokenizer
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     replace_directory(tmp, out)
     return meta
@@ -732,7 +806,8 @@ def train_tokenizer(cfg: TokenizerConfig):
     conversations = read_conversations(sources, skip_bad=True, counts=counts)
     texts = [t for c in conversations for t in ([c.system] if c.system else []) + [m.text for m in c.messages]]
     # The role prefixes as the template will write them, so that "GPT4 Assistant:" gets whole pieces.
-    texts += [role_prefix(m.role, condition) for c in conversations for m in c.messages for condition in cfg.conditions]
+    texts += [TEMPLATES["openchat_3.5"].role_prefix(m.role, condition)
+              for c in conversations for m in c.messages for condition in cfg.conditions]
     texts += [text for path in cfg.text for text, _ in read_texts(Path(path))]
     # No piece joins a digit to a letter or punctuation ("12." stays "12" + "."), as GPT-2-style
     # pre-tokenizers keep numbers apart: a delimiter pieces never cross, seen only in training.

@@ -81,9 +81,9 @@ class Generator:
         """An export of train.py: bf16 on a GPU, float32 on a CPU."""
         path = Path(checkpoint)
         meta = read_json(path / "crlft.json")
-        tokenizer = data.Tokenizer(path / "tokenizer.model", meta["template"])
+        tokenizer = data.Tokenizer(path / meta["tokenizer_file"], meta["template"])
         if tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise ValueError(f"{path}/tokenizer.model is not the tokenizer the model was trained with (crlft.json)")
+            raise ValueError(f"{tokenizer.path} is not the tokenizer the model was trained with (crlft.json)")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)

@@ -166,8 +166,8 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Tr
     base_rows = check_base_matches_tokenizer(base, config, meta)
     with torch.device("meta"):
         model = Transformer(replace(config, vocab_size=vocab_size))
-    if model.config.tie_embeddings:
-        raise ValueError(f"{base}: tied input and output embeddings are not supported by the sharded loader")
+    # A tied output head is the embedding itself: one parameter of the root's FSDP group, its gradient the
+    # sum of both uses. fully_shard and to_empty keep the tie (FSDP2 swaps parameters in place).
     parallelize(model, mesh, cfg, compute_dtype)
     model.to_empty(device=device)
     load_base_rows(model, base, base_rows)
@@ -179,12 +179,12 @@ def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict) ->
     if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]):
         raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's tokenizer has "
                          f"{tok['base_vocab_size']} pieces (+{len(tok['special_tokens'])} special): prepare the "
-                         f"data with the base model's tokenizer.model")
-    sp_file = base / "tokenizer.model"
-    if sp_file.exists():
-        sha = hashlib.sha256(sp_file.read_bytes()).hexdigest()
+                         f"data with the base model's {tok['file']}")
+    base_tokenizer = base / tok["file"]
+    if base_tokenizer.exists():
+        sha = hashlib.sha256(base_tokenizer.read_bytes()).hexdigest()
         if sha != tok["sha256"]:
-            raise ValueError(f"{sp_file} (sha256 {sha[:12]}…) is not the tokenizer the dataset was made with "
+            raise ValueError(f"{base_tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the dataset was made with "
                              f"({tok['path']}, sha256 {tok['sha256'][:12]}…): prepare the data with it")
     return config.vocab_size
 
@@ -214,7 +214,7 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int):
             params[name].to_local()[:stop_read - start].copy_(f.get_slice(hf_name)[start:stop_read])
         loaded.add(name)
     check_all_loaded(base, params, loaded)
-    for name in ("embed_tokens.weight", "lm_head.weight"):
+    for name in [n for n in ("embed_tokens.weight", "lm_head.weight") if n in params]:  # one name when tied
         param = params[name]
         start, stop = shard_rows(param)
         local = param.to_local()
@@ -378,42 +378,60 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
         shutil.rmtree(tmp, ignore_errors=True)
     params = dict(model.named_parameters())
     # The end of a turn ends generation; a base pretrained on plain text ("text" template) ends at EOS.
-    eos = tok["special_tokens"].get(data.EOT, tok.get("eos_id"))
+    eos = tok["special_tokens"].get(data.TEMPLATES[meta["template"]].eot, tok["eos_id"])
     config = replace(model.config, bos_token_id=tok["bos_id"], eos_token_id=eos)
     write_hf_checkpoint(tmp, config, {n: p.shape for n, p in params.items()}, lambda n: params[n].full_tensor(),
                         getattr(torch, cfg.export_dtype), write=rank == 0)  # every rank gathers, rank 0 writes
     if rank == 0:
-        shutil.copyfile(Path(cfg.data) / "tokenizer.model", tmp / "tokenizer.model")
-        write_json(tmp / "tokenizer_config.json", tokenizer_config(meta, model.config.max_seq_len))
+        shutil.copyfile(Path(cfg.data) / tok["file"], tmp / tok["file"])
+        tokenizer = data.Tokenizer(tmp / tok["file"], meta["template"])
+        write_json(tmp / "tokenizer_config.json",
+                   tokenizer_config(tokenizer, meta["inference_condition"], model.config.max_seq_len))
         write_json(tmp / "crlft.json", {
             "template": meta["template"], "inference_condition": meta["inference_condition"],
-            "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_sha256": tok["sha256"],
-            "dataset": str(Path(cfg.data).resolve()), "step": step})
+            "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_file": tok["file"],
+            "tokenizer_sha256": tok["sha256"], "dataset": str(Path(cfg.data).resolve()), "step": step})
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
     dist.barrier()
 
 
-def tokenizer_config(meta: dict, max_len: int) -> dict:
-    """For transformers' LlamaTokenizer: the special tokens after the base vocabulary and a chat template
-    that renders the conversation text of data.py's template at the inference condition (a base pretrained
-    on plain text has neither)."""
-    special = meta["tokenizer"]["special_tokens"]
-    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                      "single_word": False} for t, i in special.items()}
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "model_max_length": max_len,
-              "legacy": True,  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
-              "added_tokens_decoder": added}
-    if data.EOT not in special:
+def tokenizer_config(tokenizer: data.Tokenizer, condition: str, max_len: int) -> dict:
+    """For transformers: the template's special tokens that are new rows, and a chat template that renders
+    data.py's template at the inference condition (a base pretrained on plain text has none). A SentencePiece
+    model loads as LlamaTokenizer, a tokenizer.json as the fast tokenizer it describes."""
+    new_rows = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                         "single_word": False}
+                for t, i in tokenizer.special_ids.items() if i >= tokenizer.base_vocab_size}
+    sentencepiece = isinstance(tokenizer.backend, data.SentencePiece)
+    if sentencepiece:
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "add_bos_token": True, "add_eos_token": False,
+                  "legacy": True}  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
+    else:
+        bos = tokenizer.bos_id
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": None,
+                  "bos_token": None if bos is None else tokenizer.backend.tok.id_to_token(bos)}
+    config.update({"model_max_length": max_len, "added_tokens_decoder": new_rows})
+    template = tokenizer.template
+    if template.eot is None:
         return config
-    condition = meta["inference_condition"]
-    user, assistant = data.role_prefix("user", condition), data.role_prefix("assistant", condition)
-    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% else %}"
-                "{{ ('" + user + "' if m['role'] == 'user' else '" + assistant + "') + ' ' + m['content'] }}"
-                "{% endif %}{{ '" + data.EOT + "' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '" + assistant + "' }}{% endif %}")
-    return {**config, "eos_token": data.EOT, "chat_template": template}
+    # SentencePiece's dummy prefix puts a space before each separately encoded message; a BPE tokenizer has none.
+    space = " " if sentencepiece else ""
+    user, assistant = (template.role_prefix(r, condition) + space for r in ("user", "assistant"))
+    system = template.role_prefix("system", "") + space if template.header else ""
+    chat = ("{{ bos_token }}" if tokenizer.bos_id is not None else "") + (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ " + jinja(system) + " + m['content'] }}"
+        "{% elif m['role'] == 'user' %}{{ " + jinja(user) + " + m['content'] }}"
+        "{% else %}{{ " + jinja(assistant) + " + m['content'] }}{% endif %}"
+        "{{ " + jinja(template.eot) + " }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + jinja(assistant.removesuffix(space)) + " }}{% endif %}")
+    return {**config, "eos_token": template.eot, "chat_template": chat}
+
+
+def jinja(text: str) -> str:
+    """A Jinja string literal of text."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 # ---------------------------------------------------------------------------------------------------------

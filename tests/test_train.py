@@ -171,11 +171,11 @@ def test_the_exported_chat_template_gives_data_py_ids_at_every_condition(dataset
     """transformers' tokenizer of an export renders the very ids of tokenize_conversation, the empty
     condition of the no-condition variants included ("User:", not " User:")."""
     import transformers
-    meta = {**json.loads((dataset / "meta.json").read_text()), "inference_condition": condition}
-    shutil.copyfile(dataset / "tokenizer.model", tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(train.tokenizer_config(meta, 256)))
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    meta = json.loads((dataset / "meta.json").read_text())
     ours = data.Tokenizer(dataset / "tokenizer.model", meta["template"])
+    shutil.copyfile(dataset / "tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(train.tokenizer_config(ours, condition, 256)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     turns = [("user", "Sort these numbers: 12 9 3"), ("assistant", "3 9 12"), ("user", "And 40 7?")]
     for system in (None, "You sort numbers."):
         chat = [{"role": "system", "content": system}] if system else []
@@ -185,9 +185,9 @@ def test_the_exported_chat_template_gives_data_py_ids_at_every_condition(dataset
         assert theirs.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
         # and the text itself, which tokenizers that keep a space after a special token would read apart
         text = "<s>" + (f"{system}{data.EOT}" if system else "")
-        text += "".join(f"{data.role_prefix(r, condition)} {t}{data.EOT}" for r, t in turns)
+        text += "".join(f"{ours.template.role_prefix(r, condition)} {t}{data.EOT}" for r, t in turns)
         assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
-            text + data.role_prefix("assistant", condition))
+            text + ours.template.role_prefix("assistant", condition))
 
 
 def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path):
