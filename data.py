@@ -437,6 +437,8 @@ class PrepareConfig:
     skip_bad: bool = arg(False, "skip bad records and count them by reason, instead of stopping at the first")
     holdout: float = arg(0.0, "fraction of conversations held out for evaluation")
     seed: int = arg(0, "seed of the held-out split")
+    inference_condition: str = arg("", "the condition to prompt the trained model with, one of the sources'; empty: "
+                                       "the highest-weight source's")
     zero_refusals: bool = arg(False, "weight 0 for answers with refusal boilerplate ('As an AI language model')")
     per_message_norm: bool = arg(False, "spread each message's weight over its tokens (w / n_tokens)")
     threads: int = arg(os.cpu_count() or 1, "tokenizer threads")
@@ -559,10 +561,14 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     bad_reasons = ("malformed_json", "missing_field", "wrong_type", "unknown_role", "empty_conversation",
                    "empty_message", "invalid_utf8", "bad_weight", "too_long")
+    conditions = sorted({c.condition for c in conversations})
+    if cfg.inference_condition and cfg.inference_condition not in conditions:
+        raise ValueError(f"--inference-condition={cfg.inference_condition!r} is not a condition of the data "
+                         f"({', '.join(map(repr, conditions))}): the model would be prompted with one it never saw")
     how = {
         "template": cfg.template,
-        "inference_condition": expert_condition(sources, tokenizer.template),
-        "conditions": sorted({c.condition for c in conversations}),
+        "inference_condition": cfg.inference_condition or expert_condition(sources, tokenizer.template),
+        "conditions": conditions,
         "sources": [{"condition": s.condition, "weight": s.weight, "files": [str(f) for f in s.files]}
                     for s in sources],
         "max_len": cfg.max_len,

@@ -30,7 +30,7 @@ from sample import Generator, right_padded
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = arg("", "an export folder written by train.py")
+    checkpoint: str = arg("", "an export folder written by train.py (loss: or a base model before fine-tuning)")
     data: str = arg("", "loss: a dataset directory made by data.py (its holdout split)")
     split: str = arg("holdout", "loss: the split to score")
     holdout: str = arg("data/demo/holdout.jsonl", "demo: the held-out prompts written by data.py demo")
@@ -216,7 +216,7 @@ def mt_bench(gen: Generator, questions: list[dict], condition: str | None, max_n
 def load(cfg: EvalConfig) -> Generator:
     if not cfg.checkpoint:
         raise SystemExit("--checkpoint is required: an export folder written by train.py")
-    return Generator.load(cfg.checkpoint, cfg.device)
+    return Generator.load(cfg.checkpoint, cfg.device, dataset=cfg.data)  # a base before fine-tuning: with --data
 
 
 def run_loss(cfg: EvalConfig):

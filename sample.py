@@ -30,6 +30,8 @@ from model import Transformer, read_json, write_atomically
 @dataclass
 class SampleConfig:
     checkpoint: str = arg("", "an export folder written by train.py (config.json, safetensors, crlft.json)")
+    data: str = arg("", "with a base model as --checkpoint (no crlft.json): the dataset it is to be fine-tuned on, "
+                        "whose tokenizer and template to prompt with")
     condition: str = arg("", "condition of the answers; empty: the checkpoint's inference condition")
     system: str = arg("", "system prompt")
     temperature: float = arg(0.0, "sampling temperature; 0: greedy")
@@ -77,19 +79,31 @@ class Generator:
                                      fullgraph=True) if compile else model)
 
     @classmethod
-    def load(cls, checkpoint, device="auto", compile=False) -> "Generator":
-        """An export of train.py: bf16 on a GPU, float32 on a CPU."""
+    def load(cls, checkpoint, device="auto", compile=False, dataset="") -> "Generator":
+        """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before fine-tuning
+        on `dataset`, prompted with that dataset's tokenizer and template, the template's new token rows at the
+        mean of the others as train.py starts them. bf16 on a GPU, float32 on a CPU."""
         path = Path(checkpoint)
-        meta = read_json(path / "crlft.json")
-        tokenizer = data.Tokenizer(path / meta["tokenizer_file"], meta["template"])
-        if tokenizer.sha256 != meta["tokenizer_sha256"]:
-            raise ValueError(f"{tokenizer.path} is not the tokenizer the model was trained with (crlft.json)")
+        if (path / "crlft.json").exists():
+            meta = read_json(path / "crlft.json")
+            tokenizer = data.Tokenizer(path / meta["tokenizer_file"], meta["template"])
+            expected, condition = meta["tokenizer_sha256"], meta["inference_condition"]
+        elif dataset:
+            meta = data.load_meta(dataset)
+            tokenizer = data.Tokenizer(Path(dataset) / meta["tokenizer"]["file"], meta["template"])
+            expected, condition = meta["tokenizer"]["sha256"], meta["inference_condition"]
+        else:
+            raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base with --data")
+        if tokenizer.sha256 != expected:
+            raise ValueError(f"{tokenizer.path} is not the tokenizer the model was trained with")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         model = Transformer.from_pretrained(path, device=device,
                                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(model, tokenizer, meta["inference_condition"], path.resolve().name, compile)
+        if model.config.vocab_size == tokenizer.base_vocab_size < tokenizer.vocab_size:
+            model.extend_vocab(tokenizer.vocab_size)
+        return cls(model, tokenizer, condition, path.resolve().name, compile)
 
     def prompt_ids(self, messages: list[data.Message], condition: str | None = None, system: str | None = None):
         """The ids the model answers from: the training template up to the assistant prefix."""
@@ -388,7 +402,7 @@ def main(argv):
     cfg = parse(SampleConfig, argv, __doc__)
     if not cfg.checkpoint:
         raise SystemExit("--checkpoint is required: an export folder written by train.py")
-    gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile)
+    gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
     torch.manual_seed(cfg.seed)
     if cfg.serve:
         server = make_server(gen, cfg.host, cfg.port)

@@ -2,6 +2,7 @@
 
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of SPEC §2, in float64
   train_worker.py base DATA BASE  a Hugging Face base read a slice per rank, new token rows at the mean
+  train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
   train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
 """
 
@@ -80,6 +81,30 @@ def base_loading(data_dir, base_dir):
     print(f"rank {dist.get_rank()}: base loaded", flush=True)
 
 
+def tied_base(data_dir, base_dir):
+    world = dist.get_world_size()
+    meta, split = train.load_data(data_dir)
+    model = train.build_model(train.TrainConfig(data=data_dir, base=base_dir), meta, init_device_mesh("cpu", (world,)),
+                              CPU, torch.float32)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert not [n for n, _ in model.named_parameters() if n.startswith("lm_head")]
+    reference = Transformer.from_pretrained(base_dir).double()
+    reference.extend_vocab(meta["tokenizer"]["vocab_size"])  # the new EOT row at the mean, as train.py does
+    assert reference.lm_head.weight is reference.embed_tokens.weight
+    torch.testing.assert_close(model.embed_tokens.weight.full_tensor().double(), reference.embed_tokens.weight,
+                               rtol=0, atol=1e-6)
+    # Every rank the same micro-batch and the step's Σ w that of all ranks: the ranks' gradients sum to the
+    # gradient of this one batch's Σ w·CE / Σ w.
+    batch = train.make_batch(split, list(range(6)), CPU)
+    weight_sum = batch.weights.sum().item()
+    train.forward_backward(model, [batch], world * weight_sum, len(meta["sources"]))
+    logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
+    ((batch.weights.double() * F.cross_entropy(logits, batch.targets, reduction="none")).sum() / weight_sum).backward()
+    err = relative_error(model.embed_tokens.weight.grad.full_tensor(), reference.embed_tokens.weight.grad)
+    assert err < 1e-5, f"the tied gradient is off by {err:.2e}"
+    print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
+
+
 def export_logits(data_dir, out):
     cfg = train.TrainConfig(data=data_dir, model="tiny", out=out, batch_max_len=512, max_steps=3, lr=1e-3,
                             export_dtype="float32")
@@ -111,5 +136,5 @@ def export_logits(data_dir, out):
 if __name__ == "__main__":
     train.setup_processes()
     mode, *args = sys.argv[1:]
-    {"step": step_identity, "base": base_loading, "export": export_logits}[mode](*args)
+    {"step": step_identity, "base": base_loading, "tied": tied_base, "export": export_logits}[mode](*args)
     dist.destroy_process_group()

