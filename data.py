@@ -141,7 +141,7 @@ class HFTokenizer:
 class Tokenizer:
     """A SentencePiece .model or a tokenizer.json, with the template's special tokens: the ones the
     vocabulary has are used as they are (Llama-3's header tokens), the others get new rows after it
-    (SPEC §3: <|end_of_turn|> is 32000 on a 32k vocabulary). Message text is encoded with no special token
+    (<|end_of_turn|> is 32000 on Llama-2's 32,000 pieces). Message text is encoded with no special token
     recognised, so one typed in a message stays ordinary text: only the template writes special ids."""
 
     def __init__(self, path, template: str):
@@ -156,8 +156,9 @@ class Tokenizer:
         self.special_ids = {}
         for token in self.template.special_tokens:
             own = self.backend.special_id(token)
-            self.special_ids[token] = self.vocab_size if own is None else own
-            self.vocab_size += own is None
+            if own is None:  # a new row after the vocabulary
+                own, self.vocab_size = self.vocab_size, self.vocab_size + 1
+            self.special_ids[token] = own
         self.bos_id, self.eos_id = self.backend.bos_id, self.backend.eos_id
         self.eot_id = self.special_ids.get(self.template.eot)
         self.specials_in_prefix = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")

@@ -93,6 +93,9 @@ PRESETS = {
     # OpenChat 3.5 on Mistral-7B: the same recipe, the automatic learning rate divided by 6.
     "mistral-7b": dict(data="", model="Mistral-7B", out="runs/mistral-7b", epochs=5, batch_max_len=32768,
                        lr=0.0, lr_scale=1 / 6, activation_checkpointing=True, log_every=1),
+    # OpenChat 3.6 on Llama-3-8B (data prepared with --template=openchat_3.6): the automatic rate divided by 5.3.
+    "llama-3-8b": dict(data="", model="Llama-3-8B", out="runs/llama-3-8b", epochs=5, batch_max_len=32768,
+                       lr=0.0, lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
 }
 
 

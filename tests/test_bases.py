@@ -181,10 +181,10 @@ def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(demo_datase
 def small_sharegpt_sources(sharegpt_file, out, n=6):
     """The first n ShareGPT conversations that open with a question, split over two declared sources."""
     decoder, text = json.JSONDecoder(), sharegpt_file.read_text()[:2_000_000]
-    records, pos = [], text.index("[") + 1
+    records, pos = [], text.index("{")
     while len(records) < n:
         record, pos = decoder.raw_decode(text, pos)
-        pos = text.index("{", pos)
+        pos = text.index("{", pos)  # past the comma to the next record
         if record["conversations"] and record["conversations"][0]["from"] == "human":
             records.append(record)
     (out / "a.json").write_text(json.dumps(records[:2]))
@@ -219,3 +219,24 @@ def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, shar
     answer = run(["--checkpoint", export, "--prompt", "What is the capital of France?", "--max-new-tokens=12"],
                  script="sample.py").stdout
     assert answer.strip()
+
+
+def test_torchrun_fine_tunes_a_llama3_style_base_with_the_3_6_template(llama3, sharegpt_file, tmp_path):
+    """Two ranks, a small random base of Llama-3's shape of vocabulary (128,256 rows, GQA) with the real
+    Llama-3 tokenizer beside it: the template's tokens are the base's own, so no rows are added; the export
+    ends turns at <|eot_id|> and carries the tokenizer.json unchanged."""
+    base = tmp_path / "base"
+    config = ModelConfig.from_name("tiny", vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
+    Transformer(config).save_pretrained(base)
+    shutil.copyfile(llama3, base / "tokenizer.json")
+    dataset = tmp_path / "dataset"
+    prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(llama3),
+                          template="openchat_3.6", out=str(dataset), max_len=256, truncate=True))
+    run(["--base", base, "--data", dataset, "--out", tmp_path / "run", "--batch-max-len=256", "--max-steps=2",
+         "--lr=1e-3", "--log-every=1"], world=2)
+    [export] = (tmp_path / "run" / "exports").iterdir()
+    exported = json.loads((export / "config.json").read_text())
+    assert (exported["vocab_size"], exported["bos_token_id"], exported["eos_token_id"]) == (128256, 128000, 128009)
+    assert (export / "tokenizer.json").read_bytes() == llama3.read_bytes()
+    assert "<|start_header_id|>GPT4 Assistant<|end_header_id|>" in json.loads(
+        (export / "tokenizer_config.json").read_text())["chat_template"]
