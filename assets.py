@@ -179,20 +179,14 @@ def gguf_tokenizer_json(gguf_file: Path, out: Path) -> Path:
     if out.exists():
         return out
     backend = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).backend_tokenizer
-    if read_gguf_fields(gguf_file, "tokenizer.ggml.pre") in ("llama-bpe", "smaug-bpe"):
+    from gguf import GGUFReader
+    if GGUFReader(gguf_file).fields["tokenizer.ggml.pre"].contents() in ("llama-bpe", "smaug-bpe"):
         # Meta's tokenizer.json takes a pre-token found whole in the vocabulary as it is; transformers'
         # converter leaves that out, and "Cửa Việt" then splits into 5 tokens where Meta's gives 3.
         state = json.loads(backend.to_str())
         state["model"]["ignore_merges"] = True
         backend = type(backend).from_str(json.dumps(state))
     return write_tokenizer(backend, out)
-
-
-def read_gguf_fields(gguf_file: Path, *keys):
-    from gguf import GGUFReader
-    fields = GGUFReader(gguf_file).fields
-    values = [fields[k].contents() if k in fields else None for k in keys]
-    return values[0] if len(keys) == 1 else values
 
 
 # ---------------------------------------------------------------------------------------------------------

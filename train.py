@@ -564,9 +564,11 @@ def train(cfg: TrainConfig):
             export(model, meta, cfg, last_export, step, rank)
     if metrics:
         metrics.close()
+    evaluate = (f"demo --checkpoint {last_export}" if cfg.data == TrainConfig.data else  # the demo's own prompts
+                f"loss --checkpoint {last_export} --data {cfg.data}")
     log(f"\ndone: {step} steps in {time.perf_counter() - run_start:.0f}s. The model: {last_export}\n"
         f"  sample:   python sample.py --checkpoint {last_export}\n"
-        f"  evaluate: python eval.py demo --checkpoint {last_export}")
+        f"  evaluate: python eval.py {evaluate}")
     return model, last_export
 
 
