@@ -6,7 +6,8 @@
   python data.py demo         # the synthetic mixed-quality demo, through the same pipeline
 
 Read top to bottom:
-  1. The template (SPEC §3): which tokens a conversation becomes and which of them carry weight.
+  1. The template (SPEC §3): which tokens a conversation becomes and which of them carry weight; the
+     tokenizers it runs on (a SentencePiece .model, or a tokenizer.json through the `tokenizers` library).
   2. Sources and their files: ShareGPT and OpenChat JSONL records, checked, bad input named by file and line.
   3. prepare: every conversation tokenised, weighted, shifted, and written as memory-mapped arrays.
   4. Multipack (SPEC §5): conversations into equal numbers of packed streams per rank, at train time.
@@ -131,7 +132,7 @@ class HFTokenizer:
                              f"text; use a tokenizer where it is a special token or absent")
         return i
 
-    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:  # the library sets its own threads
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
@@ -449,6 +450,7 @@ class PrepareConfig:
 REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|i'm sorry, but as an ai|"
                      r"i am sorry, but as an ai|i cannot fulfill|i'm unable to assist", re.IGNORECASE)
 ARRAYS = ("tokens", "weights", "offsets", "lengths", "classes")
+FORMAT = 2  # of meta.json; 2: the tokenizer's file name ("tokenizer.model" or "tokenizer.json") is recorded
 
 
 class Progress:
@@ -637,7 +639,7 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
     splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
               "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
     meta = {
-        "format": 1,
+        "format": FORMAT,
         "tokenizer": {"path": str(tokenizer.path.resolve()), "file": tokenizer.backend.file_name,
                       "sha256": tokenizer.sha256, "base_vocab_size": tokenizer.base_vocab_size,
                       "vocab_size": tokenizer.vocab_size,
@@ -693,8 +695,9 @@ def load_meta(path) -> dict:
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} is missing: is {path} a dataset made by `python data.py prepare`?")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != 1:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not the format 1 this code reads")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not the format {FORMAT} this code reads: "
+                         f"prepare the data again")
     return meta
 
 

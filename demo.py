@@ -223,8 +223,9 @@ def make_demo(cfg: DemoConfig) -> Path:
 
 
 def made_with(cfg: DemoConfig) -> dict:
-    """The configuration and the generator's code (this file's hash): what demo.json records."""
-    return {**asdict(cfg), "generator": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+    """The configuration, the generator's code (this file's hash) and the dataset format: what demo.json records."""
+    return {**asdict(cfg), "generator": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+            "dataset_format": data.FORMAT}
 
 
 def config_of(out: Path) -> DemoConfig:
