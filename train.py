@@ -133,7 +133,10 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
     """In a fixed order, as torchtitan: activation checkpointing, per-block compile, fully_shard per block,
     then the root (embeddings, final norm, output head). Parameters, gradients' reduction and the optimizer
     state stay float32 and sharded; forward and backward compute in compute_dtype."""
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: FSDP2 would otherwise cast the root's floating inputs, the token weights, to
+    # the compute dtype (0.1 → 0.10009765625 in bf16), and the loss would no longer be Σ w·CE / Σ w. The blocks'
+    # inputs are in the compute dtype already (the embedding's output).
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.layers:
         if cfg.activation_checkpointing:
             activation_checkpoint(block)  # the composable form: parameter names stay those of the checkpoint

@@ -198,6 +198,13 @@ def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_m
     assert result.stdout.count("base loaded") == 2
 
 
+def test_token_weights_reach_the_loss_exact_under_a_bf16_policy(dataset):
+    """FSDP2 casts a root module's floating inputs to the compute dtype unless told not to: the weights must
+    stay float32 (two ranks, bf16 compute on CPU)."""
+    result = run(["bf16", dataset], world=2, script="tests/train_worker.py")
+    assert result.stdout.count("bf16 compute, float32 weights") == 2
+
+
 def test_the_demo_config_overfits_a_small_batch(dataset):
     """The demo model and optimizer settings drive the loss of one batch of 8 conversations to ~0."""
     meta, split = train.load_data(dataset)

@@ -3,6 +3,7 @@
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of SPEC §2, in float64
   train_worker.py base DATA BASE  a Hugging Face base read a slice per rank, new token rows at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
+  train_worker.py bf16 DATA       under a bf16 policy the token weights reach the loss in float32, exact
   train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
 """
 
@@ -105,6 +106,23 @@ def tied_base(data_dir, base_dir):
     print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
 
 
+def bf16_weights(data_dir):
+    """0.1, the demo's GPT3 weight, is no bf16 number (it would become 0.10009765625): the loss must weigh each
+    token's CE by the float32 weight while the model computes in bf16, or Σ w·CE / Σ w is not the loss."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta, split = train.load_data(data_dir)
+    model = train.build_model(train.TrainConfig(data=data_dir, model="tiny"), meta, init_device_mesh("cpu", (world,)),
+                              CPU, torch.bfloat16)
+    batch = train.make_batch(split, [int(i) for i in (split.classes == 1).nonzero()[0][rank * 4:rank * 4 + 4]], CPU)
+    assert batch.weights.dtype == torch.float32 and torch.isclose(batch.weights.max(), torch.tensor(0.1))
+    loss_sum, ce, _ = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, batch.targets,
+                            batch.weights, batch.supervised)
+    exact = (batch.weights.double() * ce.double()).sum()
+    err = abs(loss_sum.double() - exact).item() / exact.item()
+    assert err < 1e-6, f"Σ w·CE is off by {err:.2e} (relative) from the float32 weights'"
+    print(f"rank {rank}: bf16 compute, float32 weights", flush=True)
+
+
 def export_logits(data_dir, out):
     cfg = train.TrainConfig(data=data_dir, model="tiny", out=out, batch_max_len=512, max_steps=3, lr=1e-3,
                             export_dtype="float32")
@@ -136,5 +154,6 @@ def export_logits(data_dir, out):
 if __name__ == "__main__":
     train.setup_processes()
     mode, *args = sys.argv[1:]
-    {"step": step_identity, "base": base_loading, "tied": tied_base, "export": export_logits}[mode](*args)
+    {"step": step_identity, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
+     "export": export_logits}[mode](*args)
     dist.destroy_process_group()
