@@ -154,11 +154,17 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int | None):
     if k.shape[1] != q.shape[1]:
         if VARLEN_HAS_GQA:
             gqa = {"enable_gqa": True}
-        else:  # torch 2.11: query head h uses K/V head h // (nh / nkv), as repeat_interleave lays them out
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        else:  # torch 2.11
+            k, v = repeat_kv(k, v, q.shape[1], dim=1)
     window_size = (-1 if window is None else window - 1, 0)  # (left, right); right 0 = causal
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=window_size, **gqa)
+
+
+def repeat_kv(k, v, n_heads: int, dim: int):
+    """Grouped-query attention by copying: each K/V head repeated for its group of query heads (query head h
+    uses K/V head h // (n_heads / n_kv_heads)), for kernels that take as many K/V heads as query heads."""
+    n_rep = n_heads // k.shape[dim]
+    return k.repeat_interleave(n_rep, dim=dim), v.repeat_interleave(n_rep, dim=dim)
 
 
 @dataclass
@@ -222,10 +228,15 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, -1))
 
     def sdpa(self, q, k, v, mask):
-        """q [B, T, nh, hd], k, v [B, S, nkv, hd] → [B, T, nh, hd]"""
+        """q [B, T, nh, hd], k, v [B, S, nkv, hd] → [B, T, nh, hd]. On CUDA, SDPA has no fused kernel for a
+        mask with enable_gqa (torch 2.11-2.13: the math backend, fp32 [B, H, T, S] scores), so there the K/V
+        heads are repeated instead; on CPU the fused kernel takes both."""
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and q.is_cuda:
+            k, v = repeat_kv(k, v, self.n_heads, dim=2)
+            gqa = False
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                              attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
-                                              ).transpose(1, 2)
+                                              attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
-from model import ModelConfig, Transformer, fused_weighted_cross_entropy
+from model import ModelConfig, Transformer, fused_weighted_cross_entropy, repeat_kv
 
 
 def randomize(model, seed=0, std=0.2):
@@ -155,6 +155,23 @@ def packed_batch(vocab_size, lengths, seed=0):
 
 
 CONFIGS = {"gqa": {}, "mha": dict(n_kv_heads=4), "window": dict(sliding_window=4)}
+
+
+def test_repeated_kv_heads_give_grouped_query_attention_as_a_float64_computation():
+    """Query head h attends with K/V head h // (n_heads / n_kv_heads): SDPA over repeat_kv's heads (what CUDA
+    runs under a mask) and SDPA's own enable_gqa (what the CPU runs) both equal a naive float64 attention."""
+    g = torch.Generator().manual_seed(0)
+    B, T, S, nh, nkv, hd = 2, 5, 9, 6, 2, 8
+    q, k, v = torch.randn(B, nh, T, hd, generator=g), torch.randn(B, nkv, S, hd, generator=g), torch.randn(
+        B, nkv, S, hd, generator=g)
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.7
+    mask[..., 0] = True  # every query sees a key
+    group = torch.arange(nh) // (nh // nkv)
+    scores = q.double() @ k.double()[:, group].transpose(-1, -2) / hd ** 0.5
+    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.double()[:, group]
+    repeated = F.scaled_dot_product_attention(q, *repeat_kv(k, v, nh, dim=1), attn_mask=mask)
+    grouped = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert relative_error(repeated, expected) < 1e-6 and relative_error(grouped, expected) < 1e-6
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -398,6 +415,25 @@ def test_flash_varlen_stream_equals_conversations_one_by_one_on_cuda(config):
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
             alone = model(tokens[a:b][None])[0].float()  # SDPA with a mask
             assert relative_error(packed[a:b], alone.double()) < 2e-2
+
+
+@cuda
+def test_masked_gqa_attention_runs_a_fused_kernel_on_cuda():
+    """With the math backend ruled out, a GQA model's padded batch and decoding (SDPA with a mask) still run,
+    and give the logits of the unrestricted run: the K/V heads are repeated for the memory-efficient kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = tiny(torch.bfloat16).cuda()  # 4 query heads over 2 K/V heads
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40), device="cuda")
+    with torch.no_grad():
+        reference = model(tokens).float()
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            fused = model(tokens).float()
+            model.setup_kv_cache(2, 64)
+            model(tokens[:, :39], torch.arange(39, device="cuda").expand(2, -1))
+            step = model(tokens[:, 39:], torch.full((2, 1), 39, device="cuda"))[:, 0].float()
+            model.drop_kv_cache()
+    assert relative_error(fused, reference.double()) < 2e-2
+    assert relative_error(step, reference[:, 39].double()) < 2e-2
 
 
 @cuda
