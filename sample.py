@@ -13,9 +13,9 @@ then the four ways to use it.
 
 import json
 import sys
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -111,9 +111,12 @@ class Generator:
         return data.tokenize_conversation(self.tokenizer, messages, condition, system or None, inference=True)[0]
 
     def ensure_cache(self, batch_size: int, length: int):
-        """A cache at least this large; kept while it is, so that compiled steps see the same buffers."""
+        """A cache at least this large; kept while it is, so that compiled steps see the same buffers, and
+        grown in a few sizes only (powers of two, at least 256 positions, at most the context), so that a
+        compiled step meets few shapes and does not recompile for each longer prompt."""
         if batch_size > self.cache_shape[0] or length > self.cache_shape[1]:
-            self.cache_shape = (max(batch_size, self.cache_shape[0]), max(length, self.cache_shape[1]))
+            self.cache_shape = (max(bucket(batch_size, 1), self.cache_shape[0]),
+                                max(min(bucket(length, 256), self.model.config.max_seq_len), self.cache_shape[1]))
             self.model.setup_kv_cache(*self.cache_shape)
 
     @torch.no_grad()
@@ -154,6 +157,14 @@ class Generator:
             positions = (positions + 1).clamp(max=self.cache_shape[1] - 1)
         return [Completion(out, self.tokenizer.decode(out).strip(), "length" if len(out) >= b else "stop", n)
                 for out, b, n in zip(outputs, budget, lengths)]
+
+
+def bucket(n: int, smallest: int) -> int:
+    """The first of smallest, 2·smallest, 4·smallest, … that holds n."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return size
 
 
 def right_padded(sequences: list[list[int]], device) -> torch.Tensor:
@@ -316,7 +327,7 @@ def check_request(body, gen: Generator) -> dict:
                 seed=body.get("seed", 0), stream=body.get("stream", False))
 
 
-def make_handler(gen: Generator, lock: threading.Lock):
+def make_handler(gen: Generator, worker: ThreadPoolExecutor):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -338,13 +349,12 @@ def make_handler(gen: Generator, lock: threading.Lock):
                 return self.send_json(400, error_body(str(e), param=e.param))
             reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
-            with lock:  # one generation at a time: concurrent requests wait their turn
-                if request["stream"]:
-                    return self.stream(request["prompt"], settings, reply_id, created)
-                try:
-                    [done] = gen.generate([request["prompt"]], **settings)
-                except Exception as e:  # the server goes on serving
-                    return self.send_json(500, error_body(f"generation failed: {e}", "server_error"))
+            if request["stream"]:
+                return self.stream(request["prompt"], settings, reply_id, created)
+            try:
+                [done] = worker.submit(gen.generate, [request["prompt"]], **settings).result()
+            except Exception as e:  # the server goes on serving
+                return self.send_json(500, error_body(f"generation failed: {e}", "server_error"))
             self.send_json(200, {
                 "id": reply_id, "object": "chat.completion", "created": created, "model": gen.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
@@ -368,7 +378,7 @@ def make_handler(gen: Generator, lock: threading.Lock):
 
             event({"role": "assistant", "content": ""})
             streamed = TextStream(gen.tokenizer, lambda text: event({"content": text}))
-            [done] = gen.generate([prompt], on_token=streamed, **settings)
+            [done] = worker.submit(gen.generate, [prompt], on_token=streamed, **settings).result()
             if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
                 event({"content": done.text[len(streamed.sent):]})
             event({}, done.finish_reason)
@@ -395,7 +405,10 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
-    return ThreadingHTTPServer((host, port), make_handler(gen, threading.Lock()))
+    """A thread per connection, and one thread that runs every generation, so concurrent requests wait their
+    turn and the model is only ever run from that thread: CUDA graphs recorded by --compile (reduce-overhead)
+    belong to the thread that recorded them, and a thread per request would record them again each time."""
+    return ThreadingHTTPServer((host, port), make_handler(gen, ThreadPoolExecutor(max_workers=1)))
 
 
 def main(argv):

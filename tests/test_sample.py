@@ -113,6 +113,19 @@ def test_sampling_is_reproducible_for_a_seed_and_the_cutoffs_narrow_it(gen):
     assert (drawn[..., None] == torch.topk(logits, 5).indices).any(-1).all()  # never outside the top 5
 
 
+def test_the_kv_cache_grows_in_a_few_sizes(export):
+    """Longer prompts and larger batches grow the cache to the next power of two (at least 256 positions, at
+    most the context of 512), not to each request's own size: a compiled decoding step meets few shapes."""
+    gen = Generator.load(export, device="cpu")
+    shapes = []
+    for prompts, new_tokens in ((prompts_of(gen, PROMPTS[:1]), 4), (prompts_of(gen, PROMPTS[:3]), 4),
+                                (prompts_of(gen, [" ".join(PROMPTS * 4)]), 4), (prompts_of(gen, PROMPTS[:2]), 4)):
+        gen.generate(prompts, max_new_tokens=new_tokens)
+        shapes.append(gen.cache_shape)
+    assert 256 < len(prompts_of(gen, [" ".join(PROMPTS * 4)])[0]) < 508
+    assert shapes == [(1, 256), (4, 256), (4, 512), (4, 512)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP endpoint
 
@@ -159,6 +172,21 @@ def test_the_endpoint_answers_plain_and_streaming_requests(gen, server):
 
     status, body, _ = request(server, "GET", "/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["object"] == "model"
+
+
+def test_every_generation_of_the_server_runs_on_one_thread(gen, server, monkeypatch):
+    """CUDA graphs recorded by --compile belong to the thread that recorded them: plain and streaming
+    requests, each on its own connection thread, all generate on the server's one generation thread."""
+    threads, generate = [], gen.generate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", recording)
+    for stream in (False, True, False):
+        assert request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[1], stream=stream))[0] == 200
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
 def test_the_condition_field_changes_the_prompt(gen, server):
