@@ -428,11 +428,12 @@ def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
 # Supervised tokens per chunk: the trade-off between memory and speed. A chunk of C tokens holds its
 # logits in float32, turned in place into the gradient of the logits, and, for bf16 inputs, a bf16 copy
 # for the matmuls: 6·C·V bytes, 197 MB at C = 1024 and V = 32,000 (788 MB at V = 128,256). For a bf16
-# weight, each chunk also adds its bf16 [V, H] weight-gradient product into a float32 [V, H] accumulator:
-# that read and write of 12·V·H bytes per chunk is amortised over the chunk's 6·C·V·H matmul FLOPs, so
-# smaller chunks spend relatively more time moving the accumulator. At C = 1024 the matmuls are
-# [1024, H] × [H, V], large enough for full tensor-core speed, and the accumulator traffic stays well
-# below the matmul time on an H100 (by arithmetic, not yet measured there: see bench.py loss).
+# weight, each chunk also adds its [V, H] weight-gradient product into a float32 accumulator: on CUDA the
+# matmul does it (addmm with a float32 output: 8·V·H bytes read and written per chunk); on the CPU, which has
+# no such matmul, through a bf16 product (12·V·H bytes). Either is amortised over the chunk's 6·C·V·H matmul
+# FLOPs, so smaller chunks spend relatively more time moving the accumulator. At C = 1024 the matmuls are
+# [1024, H] × [H, V], large enough for full tensor-core speed (by arithmetic, not yet measured on a GPU: see
+# bench.py loss).
 CHUNK_TOKENS = 1024
 
 
@@ -470,7 +471,9 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
             grad_hidden[idx] = g @ weight  # [C, H]
             if weight.dtype == cdt:
                 grad_weight.addmm_(g.T, h)
-            else:  # no matmul here writes float32 from bf16 inputs: add the bf16 product into float32
+            elif weight.is_cuda:  # the bf16 product accumulated in float32 by the matmul itself (C += A·B)
+                torch.addmm(grad_weight, g.T, h, out_dtype=cdt, out=grad_weight)
+            else:  # the CPU has no matmul with a float32 output from bf16 inputs: add the bf16 product
                 grad_weight += g.T @ h
         ctx.mark_non_differentiable(ce, correct)
         if need_grad:

@@ -418,6 +418,23 @@ def test_flash_varlen_stream_equals_conversations_one_by_one_on_cuda(config):
 
 
 @cuda
+def test_the_sliding_window_through_flash_varlen_has_the_gradients_of_sdpa_on_cuda():
+    """Mistral's window in training: a packed stream through flash varlen, forward and backward, against its
+    conversations one by one through SDPA with the windowed mask."""
+    model = tiny(torch.bfloat16, sliding_window=4).cuda()
+    lengths = [50, 13, 77]
+    tokens, positions, cu = (t.cuda() for t in packed_batch(model.config.vocab_size, lengths))
+    targets = torch.roll(tokens, -1)
+    F.cross_entropy(model(tokens, positions, cu).float(), targets, reduction="sum").backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        F.cross_entropy(model(tokens[a:b][None])[0].float(), targets[a:b], reduction="sum").backward()
+    for name, p in model.named_parameters():
+        assert relative_error(packed[name], p.grad.double()) < 3e-2, name
+
+
+@cuda
 def test_masked_gqa_attention_runs_a_fused_kernel_on_cuda():
     """With the math backend ruled out, a GQA model's padded batch and decoding (SDPA with a mask) still run,
     and give the logits of the unrestricted run: the K/V heads are repeated for the memory-efficient kernel."""
@@ -438,6 +455,7 @@ def test_masked_gqa_attention_runs_a_fused_kernel_on_cuda():
 
 @cuda
 def test_fused_loss_in_bf16_on_cuda_equals_a_float64_naive_computation():
+    """Chunks of 8 tokens: the weight gradient goes through many float32-output matmuls (addmm, out_dtype)."""
     hidden, weight, targets, weights = (t.cuda() for t in loss_case("mixed", torch.bfloat16, H=256, V=5000))
     h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss = fused_weighted_cross_entropy(h, W, targets, weights, chunk_tokens=8)[0]

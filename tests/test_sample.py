@@ -126,6 +126,15 @@ def test_the_kv_cache_grows_in_a_few_sizes(export):
     assert shapes == [(1, 256), (4, 256), (4, 512), (4, 512)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_decoding_answers_as_eager_decoding_on_cuda(export):
+    """--compile: the one-token step compiled with CUDA graphs (reduce-overhead) gives eager's greedy answers."""
+    eager, compiled = Generator.load(export, device="cuda"), Generator.load(export, device="cuda", compile=True)
+    prompts = prompts_of(eager, PROMPTS)
+    for _ in range(2):  # the second call replays the recorded graphs
+        assert [d.tokens for d in compiled.generate(prompts)] == [d.tokens for d in eager.generate(prompts)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP endpoint
 

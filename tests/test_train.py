@@ -205,6 +205,15 @@ def test_token_weights_reach_the_loss_exact_under_a_bf16_policy(dataset):
     assert result.stdout.count("bf16 compute, float32 weights") == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_blocks_train_as_eager_ones_on_cuda(dataset, tmp_path):
+    """--compile (inductor, each block) with bf16 compute and NCCL: the same losses as eager, within bf16."""
+    run(small_run(dataset, tmp_path / "eager", "--max-steps=3"))
+    run(small_run(dataset, tmp_path / "compiled", "--max-steps=3", "--compile"))
+    for eager, compiled in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")):
+        assert abs(compiled["loss"] - eager["loss"]) <= 2e-2 * eager["loss"]
+
+
 def test_the_demo_config_overfits_a_small_batch(dataset):
     """The demo model and optimizer settings drive the loss of one batch of 8 conversations to ~0."""
     meta, split = train.load_data(dataset)
