@@ -3,6 +3,7 @@
   python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time and peak memory
   python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing efficiency
   python bench.py decode  sample.py's generation vs transformers' generate: tokens/s at batch 1 and 32
+  python bench.py train   train.py's training step vs a plain loop (CPU) and transformers' LlamaForCausalLM
 
 Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 import data
 from assets import fetch_sharegpt
@@ -233,6 +235,142 @@ def bench_decode(args):
               f"{steps_per_s * weight_bytes / 1e9:,.1f} | {first:.2f} | {warmup:.1f} |")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# train
+
+# The shapes measured: (model preset, overrides, dataset); on a GPU the real ones of PERF targets.
+TRAIN_SHAPES = {
+    "cpu": [("demo", {}, "demo"),
+            ("demo", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688), "sharegpt")],  # ~25M
+    "cuda": [("TinyLlama-1.1B", {}, "sharegpt"), ("Llama-2-7B", dict(n_layers=8), "sharegpt")],
+}
+
+
+def bench_datasets(tmp: Path) -> dict:
+    """The demo's dataset (its own tokenizer), and 1,500 real ShareGPT conversations with the Mistral
+    tokenizer (+ <|end_of_turn|>: 32,001 rows), cut at 2,048 tokens."""
+    import train
+    from assets import ASSET_CACHE, sharegpt_sources
+    demo = train.ensure_demo_data()
+    sources = sharegpt_sources(ASSET_CACHE / "sharegpt-sources")
+    data.prepare(data.PrepareConfig(sources=str(sources), tokenizer=str(MISTRAL_TOKENIZER), template="openchat_v3.2",
+                                    out=str(tmp / "sharegpt"), max_len=2048, truncate=True))
+    return {"demo": Path(demo.out) / "dataset", "sharegpt": tmp / "sharegpt"}
+
+
+def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: int, steps: int, device: str):
+    """(tokens/s, model FLOPs/s, peak bytes) of `steps` optimizer steps after 2 of warm-up, one packed
+    stream of batch_max_len tokens per step, the batch made from the dataset inside the step for every
+    system. train: train.py's own step (FSDP2 for a world of one, AdamW, clipping); plain: the same model
+    and loss in a plain loop (float32, CPU); transformers: LlamaForCausalLM, sdpa with a block-diagonal
+    mask over the stream, logits then Σ w·CE / Σ w, fp32 weights (bf16 autocast on a GPU)."""
+    import train
+    torch.manual_seed(0)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    meta, split = train.load_data(dataset)
+    cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4)
+    plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
+    if len(plan) < steps + 2:
+        raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
+    weight_sum = lambda b: float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in b))  # noqa: E731
+    if impl == "train":
+        train.setup_processes()
+        model = Transformer(config)
+        train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, dtype)
+        optimizer = train.make_optimizer(model, cfg, cfg.lr)
+
+        def step(b):
+            batches = [train.make_batch(split, b, device)]
+            train.optimizer_step(model, optimizer, batches, weight_sum(b), len(meta["sources"]), cfg.grad_clip)
+    elif impl == "plain":
+        model = Transformer(config).to(device)
+        optimizer = train.make_optimizer(model, cfg, cfg.lr)
+
+        def step(b):
+            batch = train.make_batch(split, b, device)
+            loss = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, batch.targets,
+                         batch.weights, batch.supervised)[0]
+            (loss / weight_sum(b)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        import transformers
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+            attn_implementation="sdpa")).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+        def step(b):
+            batch = train.make_batch(split, b, device)
+            conversation = torch.repeat_interleave(torch.arange(len(b), device=device),
+                                                   batch.cu_seqlens.diff().long())
+            n = len(batch.tokens)
+            mask = (conversation[:, None] == conversation[None]) & torch.ones(n, n, dtype=torch.bool,
+                                                                              device=device).tril()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
+                               attention_mask=mask[None, None]).logits[0].float()
+            ce = F.cross_entropy(logits, batch.targets, reduction="none")
+            ((batch.weights * ce).sum() / weight_sum(b)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for b in plan[:2]:
+        step(b)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reset_peak_memory(device.type)
+    start = time.perf_counter()
+    for b in plan[2:]:
+        step(b)
+    sync()
+    seconds = time.perf_counter() - start
+    lengths = np.concatenate([split.lengths[b] for b in plan[2:]])
+    return lengths.sum() / seconds, train.step_flops(config, lengths) / seconds, peak_memory(device.type)
+
+
+def bench_train(args):
+    import train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    impls = ["train", "transformers"] + (["plain"] if device == "cpu" else [])
+    batch_max_len = args.batch_max_len or (8192 if device == "cuda" else 4096)
+    peak = train.matmul_peak_flops(torch.device(device))
+    print(f"bench.py train on {device_name(device)}, torch {torch.__version__}: {args.steps} optimizer steps of "
+          f"one {batch_max_len:,}-token packed stream after 2 of warm-up, each system in a fresh process; "
+          f"memory: {'peak CUDA allocation' if device == 'cuda' else 'peak RSS of the process'}\n")
+    print("| model | parameters | system | tokens/s | vs train.py | MFU | peak memory |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets = bench_datasets(Path(tmp))
+        for name, overrides, dataset in TRAIN_SHAPES[device]:
+            vocab = data.load_meta(datasets[dataset])["tokenizer"]["vocab_size"]
+            config = ModelConfig.from_name(name, vocab_size=vocab, **overrides)
+            with torch.device("meta"):
+                size = sum(p.numel() for p in Transformer(config).parameters())
+            label = f"{name}" + "".join(f", {k} {v}" for k, v in overrides.items()) + f", vocab {vocab:,}"
+            results = {}
+            for impl in impls:
+                with spawn.Pool(1) as pool:
+                    results[impl] = pool.apply(measure_train, (impl, config, datasets[dataset], batch_max_len,
+                                                               args.steps, device))
+            for impl in impls:
+                tokens_s, flops_s, memory = results[impl]
+                mfu = f"{flops_s / peak:.1%}" if peak else "-"
+                print(f"| {label} | {size / 1e6:.1f}M | {TRAIN_SYSTEMS[impl]} | "
+                      f"{tokens_s:,.0f} | {tokens_s / results['train'][0]:.2f}x | {mfu} | "
+                      f"{memory / 2**30:.2f} GiB |", flush=True)
+
+
+TRAIN_SYSTEMS = {"train": "train.py (FSDP2, world of one)", "plain": "the same model, a plain loop",
+                 "transformers": "transformers LlamaForCausalLM"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -256,8 +394,11 @@ def main():
     decode.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
     decode.add_argument("--compile", action="store_true", help="compile the one-token step (CUDA graphs on GPU)")
+    training = modes.add_parser("train", help="train.py's step vs a plain loop and transformers")
+    training.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    training.add_argument("--batch-max-len", type=int, help="tokens per step (default 8192 on GPU, 4096 on CPU)")
     args = parser.parse_args()
-    {"loss": bench_loss, "data": bench_data, "decode": bench_decode}[args.mode](args)
+    {"loss": bench_loss, "data": bench_data, "decode": bench_decode, "train": bench_train}[args.mode](args)
 
 
 if __name__ == "__main__":

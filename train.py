@@ -321,6 +321,30 @@ def forward_backward(model, batches: list[Batch], weight_sum: float,
     return stats, torch.stack(losses)
 
 
+def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices and embeddings, not on the norm gains. foreach: the sharded
+    (DTensor) parameters would otherwise take the per-parameter loop (twice the optimizer time measured for
+    the demo model on the CPU)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_classes: int, grad_clip: float):
+    """One optimizer step: forward_backward, the gradient norm clipped, and the update, applied only when the
+    norm is finite (one host sync per step): a non-finite loss changes nothing. Returns forward_backward's
+    statistics and the norm."""
+    stats, losses = forward_backward(model, batches, weight_sum, n_classes)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, losses, grad_norm
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6. Checkpoints and exports
 
@@ -500,11 +524,7 @@ def train(cfg: TrainConfig):
 
     mesh = init_device_mesh(device.type, (world,))
     model = build_model(cfg, meta, mesh, device, compute_dtype)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=peak_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = make_optimizer(model, cfg, peak_lr)
     step, epoch, next_step = 0, 0, 0
     if cfg.resume:
         checkpoints = complete_checkpoints(out)
@@ -535,11 +555,9 @@ def train(cfg: TrainConfig):
             group["lr"] = lr
         mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
         weight_sum = float(sum(weight_of[b].sum() for b in bins))
-        stats, losses = forward_backward(model, [make_batch(split, b, device) for b in mine], weight_sum,
-                                         len(classes))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        if not torch.isfinite(grad_norm):  # one host sync per step: no update from a non-finite loss
+        stats, losses, grad_norm = optimizer_step(model, optimizer, [make_batch(split, b, device) for b in mine],
+                                                  weight_sum, len(classes), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
             bad = [f"micro-batch {i + 1} (conversations {b})" for i, (b, loss) in enumerate(zip(mine, losses.tolist()))
                    if not math.isfinite(loss)]
             raise FloatingPointError(
@@ -547,8 +565,6 @@ def train(cfg: TrainConfig):
                 + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
                 + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then "
                 "--resume")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step, next_step = step + 1, next_step + 1
 
         all_lengths = split.lengths[[i for b in bins for i in b]]
