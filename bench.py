@@ -340,14 +340,15 @@ def bench_train(args):
     impls = ["train", "transformers"] + (["plain"] if device == "cpu" else [])
     batch_max_len = args.batch_max_len or (8192 if device == "cuda" else 4096)
     peak = train.matmul_peak_flops(torch.device(device))
-    print(f"bench.py train on {device_name(device)}, torch {torch.__version__}: {args.steps} optimizer steps of "
+    tmp = tempfile.TemporaryDirectory()
+    datasets = bench_datasets(Path(tmp.name))
+    print(f"\nbench.py train on {device_name(device)}, torch {torch.__version__}: {args.steps} optimizer steps of "
           f"one {batch_max_len:,}-token packed stream after 2 of warm-up, each system in a fresh process; "
           f"memory: {'peak CUDA allocation' if device == 'cuda' else 'peak RSS of the process'}\n")
     print("| model | parameters | system | tokens/s | vs train.py | MFU | peak memory |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     spawn = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        datasets = bench_datasets(Path(tmp))
+    with tmp:
         for name, overrides, dataset in TRAIN_SHAPES[device]:
             vocab = data.load_meta(datasets[dataset])["tokenizer"]["vocab_size"]
             config = ModelConfig.from_name(name, vocab_size=vocab, **overrides)
