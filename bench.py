@@ -4,6 +4,7 @@
   python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing efficiency
   python bench.py decode  sample.py's generation vs transformers' generate: tokens/s at batch 1 and 32
   python bench.py train   train.py's training step vs a plain loop (CPU) and transformers' LlamaForCausalLM
+  python bench.py scale   will a run fit? memory per GPU by component and the step time at a given MFU
 
 Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
 """
@@ -23,7 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import data
 from assets import fetch_sharegpt
-from model import ModelConfig, Transformer, fused_weighted_cross_entropy
+from model import CHUNK_TOKENS, ModelConfig, Transformer, fused_weighted_cross_entropy
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
@@ -372,6 +373,79 @@ TRAIN_SYSTEMS = {"train": "train.py (FSDP2, world of one)", "plain": "the same m
                  "transformers": "transformers LlamaForCausalLM"}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# scale: a memory and time model of a train.py run, by arithmetic
+
+
+def sharded_numel(config: ModelConfig, world: int) -> int:
+    """Elements of every parameter one rank holds under FSDP2, which splits dim 0 into world chunks of
+    ceil(rows / world) rows (the last ones padded)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return sum(-(-p.shape[0] // world) * p[0].numel() for p in model.parameters())
+
+
+def memory_per_gpu(config: ModelConfig, world: int, tokens: int, checkpointing: bool) -> dict:
+    """Bytes per GPU of a train.py step, by component: float32 parameters, gradients and AdamW's two moments,
+    sharded; bf16 parameters gathered (the root's for the whole step, the current block's and the prefetched
+    next one's); a block's gradients before their float32 reduce-scatter; activations kept for backward, in
+    bf16, per token and layer 2·(6·d + 2·kv + 4·ffn) bytes (the block's input, its norms' outputs, q, k, v,
+    attention's output, the MLP's gate, up, their product), or with checkpointing each block's input (2·d)
+    and one block recomputed, plus the gradients of one block's activations either way; the fused loss's
+    chunk (6·C·V), its float32 weight-gradient accumulator and the bf16 copy it saves, and the final hidden
+    states with their gradient."""
+    c = config
+    sharded = sharded_numel(c, world)
+    with torch.device("meta"):
+        model = Transformer(c)
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - c.n_layers * block
+    kv = c.n_kv_heads * c.head_dim
+    per_token_layer = 2 * (6 * c.dim + 2 * kv + 4 * c.ffn_dim)
+    # The block being back-propagated holds as much again in gradients; with checkpointing it is recomputed.
+    activations = tokens * (2 * c.dim * c.n_layers + 2 * per_token_layer if checkpointing
+                            else per_token_layer * (c.n_layers + 1))
+    return {
+        "parameters, fp32 sharded": 4 * sharded,
+        "gradients, fp32 sharded": 4 * sharded,
+        "AdamW moments, fp32 sharded": 8 * sharded,
+        "gathered bf16 parameters": 2 * (root + 2 * block),
+        "a block's gradients in reduction": (2 + 4) * block,
+        "activations": activations,
+        "loss chunk and output head": 6 * CHUNK_TOKENS * c.vocab_size + 6 * c.vocab_size * c.dim + 4 * tokens * c.dim,
+    }
+
+
+def step_seconds(config: ModelConfig, tokens: int, conversation: int, mfu: float, peak_flops: float) -> float:
+    """A step's model FLOPs (train.py's step_flops: conversations of `conversation` tokens filling the
+    stream) at the given share of the peak."""
+    import train
+    return train.step_flops(config, [conversation] * (tokens // conversation)) / (mfu * peak_flops)
+
+
+def bench_scale(args):
+    print(f"bench.py scale: {args.gpus} GPUs of {args.gpu_memory} GB, {args.tokens:,} tokens per GPU per micro-batch "
+          f"(--batch-max-len), conversations of {args.conversation:,} tokens, {args.mfu:.0%} MFU of "
+          f"{args.peak_tflops:.0f} TFLOP/s (bf16). Arithmetic, not a measurement: allocator slack and the CUDA "
+          f"context (~1-3 GB) come on top.\n")
+    rows = []
+    for name in args.models:
+        config = ModelConfig.from_name(name)
+        for checkpointing in (False, True):
+            parts = memory_per_gpu(config, args.gpus, args.tokens, checkpointing)
+            seconds = step_seconds(config, args.tokens, args.conversation, args.mfu, args.peak_tflops * 1e12)
+            seconds *= 4 / 3 if checkpointing else 1  # the forward again, in backward
+            rows.append((name, checkpointing, parts, seconds))
+    keys = list(rows[0][2])
+    print("| model | checkpointing | " + " | ".join(keys) + " | total | fits | step s | tokens/s/GPU |")
+    print("| --- | --- | " + " | ".join("---:" for _ in keys) + " | ---: | --- | ---: | ---: |")
+    for name, checkpointing, parts, seconds in rows:
+        total = sum(parts.values()) / 1e9
+        print(f"| {name} | {'yes' if checkpointing else 'no'} | " + " | ".join(f"{v / 1e9:.1f}" for v in parts.values())
+              + f" | {total:.1f} GB | {'yes' if total < args.gpu_memory - 3 else 'no'} | {seconds:.2f} | "
+              f"{args.tokens / seconds:,.0f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -398,8 +472,17 @@ def main():
     training = modes.add_parser("train", help="train.py's step vs a plain loop and transformers")
     training.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     training.add_argument("--batch-max-len", type=int, help="tokens per step (default 8192 on GPU, 4096 on CPU)")
+    scale = modes.add_parser("scale", help="memory per GPU by component and step time, by arithmetic")
+    scale.add_argument("--models", nargs="+", default=["Llama-2-7B", "Llama-3-8B", "Llama-2-13B"], help="presets")
+    scale.add_argument("--gpus", type=int, default=8, help="ranks sharing the model (FSDP)")
+    scale.add_argument("--gpu-memory", type=float, default=80, help="GB per GPU")
+    scale.add_argument("--tokens", type=int, default=32768, help="packed tokens per GPU per micro-batch")
+    scale.add_argument("--conversation", type=int, default=2048, help="tokens per conversation (attention's cost)")
+    scale.add_argument("--mfu", type=float, default=0.4, help="share of the peak the step reaches")
+    scale.add_argument("--peak-tflops", type=float, default=989, help="bf16 peak (H100 SXM datasheet: 989)")
     args = parser.parse_args()
-    {"loss": bench_loss, "data": bench_data, "decode": bench_decode, "train": bench_train}[args.mode](args)
+    {"loss": bench_loss, "data": bench_data, "decode": bench_decode, "train": bench_train,
+     "scale": bench_scale}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -214,6 +214,12 @@ def test_compiled_blocks_train_as_eager_ones_on_cuda(dataset, tmp_path):
         assert abs(compiled["loss"] - eager["loss"]) <= 2e-2 * eager["loss"]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_bench_scale_predicts_the_sharded_state_each_rank_holds(dataset, world):
+    result = run(["state", dataset], world=world, script="tests/train_worker.py")
+    assert result.stdout.count("sharded state as predicted") == world
+
+
 def test_the_demo_config_overfits_a_small_batch(dataset):
     """The demo model and optimizer settings drive the loss of one batch of 8 conversations to ~0."""
     meta, split = train.load_data(dataset)

@@ -4,6 +4,7 @@
   train_worker.py base DATA BASE  a Hugging Face base read a slice per rank, new token rows at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
   train_worker.py bf16 DATA       under a bf16 policy the token weights reach the loss in float32, exact
+  train_worker.py state DATA      bench.py scale's sharded parameters, gradients and AdamW moments, as held
   train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
 """
 
@@ -123,6 +124,31 @@ def bf16_weights(data_dir):
     print(f"rank {rank}: bf16 compute, float32 weights", flush=True)
 
 
+def sharded_state(data_dir):
+    """What bench.py scale predicts a rank holds of the float32 state is what FSDP2 gives the rank with the
+    largest shards: parameters, gradients and AdamW's two moments, byte for byte."""
+    import bench
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta, split = train.load_data(data_dir)
+    cfg = train.TrainConfig(data=data_dir, model="tiny")
+    model = train.build_model(cfg, meta, init_device_mesh("cpu", (world,)), CPU, torch.float32)
+    optimizer = train.make_optimizer(model, cfg, 1e-3)
+    batch = train.make_batch(split, [rank], CPU)
+    train.optimizer_step(model, optimizer, [batch], batch.weights.sum().item() * world, len(meta["sources"]), 1.0)
+    held = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)  # noqa: E731
+    params = list(model.parameters())
+    train.forward_backward(model, [batch], 1.0, len(meta["sources"]))  # the step cleared the gradients
+    grads = [p.grad for p in params]
+    moments = [optimizer.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+    predicted = bench.memory_per_gpu(model.config, world, tokens=1, checkpointing=False)
+    # Rank 0 holds ceil(rows / world) rows of every parameter, the most of any rank: the prediction's figure.
+    check = (lambda a, b: a == b) if rank == 0 else (lambda a, b: a <= b)  # noqa: E731
+    assert check(held(params), predicted["parameters, fp32 sharded"]), (held(params), predicted)
+    assert check(held(grads), predicted["gradients, fp32 sharded"])
+    assert check(held(moments), predicted["AdamW moments, fp32 sharded"])
+    print(f"rank {rank}: sharded state as predicted", flush=True)
+
+
 def export_logits(data_dir, out):
     cfg = train.TrainConfig(data=data_dir, model="tiny", out=out, batch_max_len=512, max_steps=3, lr=1e-3,
                             export_dtype="float32")
@@ -155,5 +181,5 @@ if __name__ == "__main__":
     train.setup_processes()
     mode, *args = sys.argv[1:]
     {"step": step_identity, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
-     "export": export_logits}[mode](*args)
+     "state": sharded_state, "export": export_logits}[mode](*args)
     dist.destroy_process_group()
