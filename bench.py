@@ -430,7 +430,7 @@ def bench_scale(args):
           f"context (~1-3 GB) come on top.\n")
     rows = []
     for name in args.models:
-        config = ModelConfig.from_name(name)
+        config = ModelConfig.from_name(name, vocab_multiple=64)  # as train.py pads it on a GPU
         for checkpointing in (False, True):
             parts = memory_per_gpu(config, args.gpus, args.tokens, checkpointing)
             seconds = step_seconds(config, args.tokens, args.conversation, args.mfu, args.peak_tflops * 1e12)

@@ -152,7 +152,7 @@ def option_log_likelihoods(gen: Generator, prompt: list[int], options: list[str]
     scores = []
     for row, c in enumerate(continuations):
         positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c), device=gen.device)
-        log_probs = gen.model.lm_head(hidden[row, positions]).float().log_softmax(-1)
+        log_probs = gen.model.logits(hidden[row, positions]).float().log_softmax(-1)
         scores.append(log_probs[torch.arange(len(c)), torch.tensor(c, device=gen.device)].sum().item())
     return scores
 

@@ -52,6 +52,9 @@ class ModelConfig:
     max_seq_len: int = 4096
     sliding_window: int | None = None  # Mistral: each token sees itself and the window - 1 tokens before it
     tie_embeddings: bool = False
+    # Rows of the embedding and the output head in memory: vocab_size rounded up to a multiple of this, for
+    # aligned matmuls on a GPU (32,001 rows would not be). The logits and the exports have vocab_size rows.
+    vocab_multiple: int = 1
     architecture: str = "LlamaForCausalLM"  # or "MistralForCausalLM"; what config.json names
     bos_token_id: int | list[int] | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -65,6 +68,10 @@ class ModelConfig:
             raise ValueError(f"architecture {self.architecture!r} is not one of {sorted(HF_MODEL_TYPES)}")
         if self.sliding_window is not None and self.architecture != "MistralForCausalLM":
             raise ValueError("a sliding window needs architecture MistralForCausalLM (Llama has none)")
+
+    @property
+    def rows(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
@@ -275,6 +282,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.rows > config.vocab_size:  # padded after being built: the same random draws as without
+            for module in (self.embed_tokens, self.lm_head):
+                padding = module.weight.new_zeros(config.rows - config.vocab_size, config.dim)
+                module.weight = nn.Parameter(torch.cat([module.weight.detach(), padding]))
+            self.embed_tokens.num_embeddings = self.lm_head.out_features = config.rows
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_weights()
@@ -285,7 +297,10 @@ class Transformer(nn.Module):
         this after `to_empty(device=...)` (from_pretrained fills the weights from the checkpoint instead)."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
+                vocabulary = module in (self.embed_tokens, self.lm_head)
+                nn.init.normal_(module.weight[:self.config.vocab_size] if vocabulary else module.weight, std=0.02)
+                if vocabulary:  # padding rows: never looked up, never predicted
+                    module.weight[self.config.vocab_size:].zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -321,11 +336,16 @@ class Transformer(nn.Module):
         the flat indices of the tokens with w ≠ 0, if known, which spares the loss a host sync."""
         x = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
         if targets is None:
-            return self.lm_head(x)
+            return self.logits(x)
         # The output weight is read here, inside the forward of the module that owns it: under FSDP2 it is
         # the gathered (unsharded) parameter at this point, and its gradient flows back through autograd.
         return fused_weighted_cross_entropy(x.flatten(0, -2), self.lm_head.weight, targets.flatten(),
-                                            weights.flatten(), supervised)
+                                            weights.flatten(), supervised, vocab_size=self.config.vocab_size)
+
+    def logits(self, x):
+        """The output head on final hidden states: logits over the vocabulary, not its padding rows."""
+        logits = self.lm_head(x)
+        return logits if self.config.rows == self.config.vocab_size else logits[..., :self.config.vocab_size]
 
     def hidden_states(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None):
         """The final normalised hidden states, [B, T, D] or [N, D]: forward without the output head, for
@@ -443,7 +463,7 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
     exist only there) and handed to autograd in backward, scaled by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, kept, need_grad, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, weights, kept, need_grad, chunk_tokens, vocab_size):
         # hidden [N, H], weight [V, H], targets [N] (any value where w = 0), weights [N] float, kept: the
         # indices of the tokens with w ≠ 0, the only ones computed
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
@@ -456,6 +476,7 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
             idx = kept[start:start + chunk_tokens]
             h, y, w = hidden[idx], targets[idx], weights[idx].to(cdt)  # [C, H], [C], [C]
             logits = (h @ weight.T).to(cdt)  # [C, V], the only chunk-sized buffer (updated in place)
+            logits[:, vocab_size:] = float("-inf")  # padding rows of the weight: no token, probability 0
             target_logit = logits.gather(1, y[:, None]).squeeze(1)
             row_max, argmax = logits.max(dim=1)
             correct[idx] = (argmax == y).to(cdt)
@@ -486,22 +507,25 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
         # In place: the saved gradients are used once (a second backward is refused by autograd).
         grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def fused_weighted_cross_entropy(hidden, weight, targets, weights, supervised=None, chunk_tokens=CHUNK_TOKENS):
+def fused_weighted_cross_entropy(hidden, weight, targets, weights, supervised=None, chunk_tokens=CHUNK_TOKENS,
+                                 vocab_size=None):
     """Σ w·CE of the logits hidden @ weight.T without materialising them, and per token [N] its CE and
     [argmax = target] (0 where w = 0), all in float32 (float64 for float64 inputs). hidden [N, H] and
     weight [V, H] share a dtype; targets [N] int; weights [N] ≥ 0, zero for every token that is not
     supervised (its target is never read). Only the sum is differentiable. supervised: the indices of the
     tokens with w ≠ 0 when the caller knows them (train.py does, from the data); finding them here is a
-    host sync, as the number of chunks depends on it."""
+    host sync, as the number of chunks depends on it. vocab_size: the rows of weight that are tokens, when
+    the others pad it (ModelConfig.vocab_multiple)."""
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}")
     if supervised is None:
         supervised = weights.nonzero().squeeze(1)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return FusedWeightedCrossEntropy.apply(hidden, weight, targets, weights, supervised, need_grad, chunk_tokens)
+    return FusedWeightedCrossEntropy.apply(hidden, weight, targets, weights, supervised, need_grad, chunk_tokens,
+                                           len(weight) if vocab_size is None else vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -560,8 +584,11 @@ def write_hf_checkpoint(path, config: ModelConfig, shapes: dict, fetch, dtype, m
     """The files of save_pretrained for parameters given by name and shape, fetch(name) returning one
     parameter's full value at a time, so only one shard is ever in memory. (train.py gathers FSDP shards
     in fetch on every rank; only the rank with write=True writes.) Each file is written under a temporary
-    name and renamed into place; stale shards of an earlier save in the folder go."""
+    name and renamed into place; stale shards of an earlier save in the folder go. Padding rows of the
+    vocabulary (ModelConfig.vocab_multiple) stay behind: the files have vocab_size rows."""
     path = Path(path)
+    shapes = {n: (config.vocab_size, *s[1:]) if n in ("embed_tokens.weight", "lm_head.weight") else tuple(s)
+              for n, s in shapes.items()}
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards, size = [[]], 0
     for name, shape in shapes.items():
@@ -577,7 +604,7 @@ def write_hf_checkpoint(path, config: ModelConfig, shapes: dict, fetch, dtype, m
         path.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for file, shard in zip(files, shards):
-        tensors = {hf_tensor_name(n): fetch(n).to("cpu", dtype).contiguous() for n in shard}
+        tensors = {hf_tensor_name(n): fetch(n)[:shapes[n][0]].to("cpu", dtype).contiguous() for n in shard}
         if write:
             write_atomically(path / file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         weight_map.update(dict.fromkeys(tensors, file))

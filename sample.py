@@ -135,7 +135,7 @@ class Generator:
         hidden = self.model.hidden_states(right_padded(prompts, self.device))
         rows = torch.arange(len(prompts), device=self.device)
         positions = torch.tensor(lengths, device=self.device)
-        last = self.model.lm_head(hidden[rows, positions - 1])
+        last = self.model.logits(hidden[rows, positions - 1])
         generator = torch.Generator(self.device).manual_seed(seed)
         outputs, finished = [[] for _ in prompts], [False] * len(prompts)
         for _ in range(max(budget)):

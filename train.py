@@ -71,6 +71,9 @@ class TrainConfig:
     dtype: str = arg("auto", "compute dtype: bfloat16 or float32; auto: bfloat16 on GPU, float32 on CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
     compile: bool = arg(False, "torch.compile each block")
+    vocab_multiple: int = arg(0, "embedding and output-head rows in memory: the vocabulary rounded up to a multiple "
+                                 "of this (aligned matmuls; exports keep the vocabulary's size); 0: 64 on a GPU, "
+                                 "1 on a CPU")
     seed: int = arg(0, "seed of the initialisation and of the packing shuffles")
     log_every: int = arg(10, "optimizer steps between log rows")
     save_every: int = arg(0, "optimizer steps between resumable checkpoints (0: at each epoch's end only)")
@@ -161,17 +164,18 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Tr
     sharded. From a base: built on the meta device, sharded, and each rank reads its own rows of every
     tensor (a 13B base is read once per node, not once per rank); the template's new tokens get rows
     that start as the mean of the base's rows (SPEC §3)."""
-    vocab_size = meta["tokenizer"]["vocab_size"]
+    vocab = dict(vocab_size=meta["tokenizer"]["vocab_size"],
+                 vocab_multiple=cfg.vocab_multiple or (64 if device.type == "cuda" else 1))
     if not cfg.base:
         torch.manual_seed(cfg.seed)
-        model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=vocab_size))
+        model = Transformer(ModelConfig.from_name(cfg.model, **vocab))
         parallelize(model, mesh, cfg, compute_dtype)  # fully_shard moves each rank's shard to the device
         return model
     base = Path(cfg.base)
     config = config_from_hf(read_json(base / "config.json"), base / "config.json")
     base_rows = check_base_matches_tokenizer(base, config, meta)
     with torch.device("meta"):
-        model = Transformer(replace(config, vocab_size=vocab_size))
+        model = Transformer(replace(config, **vocab))
     # A tied output head is the embedding itself: one parameter of the root's FSDP group, its gradient the
     # sum of both uses. fully_shard and to_empty keep the tie (FSDP2 swaps parameters in place).
     parallelize(model, mesh, cfg, compute_dtype)

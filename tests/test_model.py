@@ -157,6 +157,33 @@ def packed_batch(vocab_size, lengths, seed=0):
 CONFIGS = {"gqa": {}, "mha": dict(n_kv_heads=4), "window": dict(sliding_window=4)}
 
 
+def test_padding_rows_of_the_vocabulary_change_nothing_but_the_memory(tmp_path):
+    """vocab_multiple=64: 103 tokens in 128 rows. Initialised from the same seed the real rows are the
+    unpadded model's; whatever the padding rows hold, the logits, the fused loss and the gradients are the
+    unpadded model's, the padding rows get no gradient, and save_pretrained writes 103 rows."""
+    torch.manual_seed(0)
+    padded = Transformer(ModelConfig.from_name("tiny", vocab_size=103, vocab_multiple=64))
+    torch.manual_seed(0)
+    plain = Transformer(ModelConfig.from_name("tiny", vocab_size=103))
+    assert padded.lm_head.weight.shape == (128, 64) and torch.equal(padded.lm_head.weight[:103], plain.lm_head.weight)
+    with torch.no_grad():
+        padded.lm_head.weight[103:] = 5 * torch.randn(25, 64)  # large logits, were they not masked
+    tokens, positions, cu = packed_batch(103, [9, 14])
+    targets, weights = torch.roll(tokens, -1), torch.rand(len(tokens))
+    with torch.no_grad():
+        assert torch.allclose(padded(tokens, positions, cu), plain(tokens, positions, cu), atol=1e-6)
+    losses = [m(tokens, positions, cu, targets=targets, weights=weights)[0] for m in (padded, plain)]
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[0].item() - losses[1].item()) < 1e-5 * losses[1].item()
+    assert torch.allclose(padded.lm_head.weight.grad[:103], plain.lm_head.weight.grad, atol=1e-6)
+    assert not padded.lm_head.weight.grad[103:].any()
+    padded.save_pretrained(tmp_path)
+    assert load_file(tmp_path / "model.safetensors")["lm_head.weight"].shape == (103, 64)
+    with torch.no_grad():
+        assert torch.allclose(Transformer.from_pretrained(tmp_path)(tokens[None]), plain(tokens[None]), atol=1e-6)
+
+
 def test_repeated_kv_heads_give_grouped_query_attention_as_a_float64_computation():
     """Query head h attends with K/V head h // (n_heads / n_kv_heads): SDPA over repeat_kv's heads (what CUDA
     runs under a mask) and SDPA's own enable_gqa (what the CPU runs) both equal a naive float64 attention."""

@@ -190,11 +190,13 @@ def test_the_exported_chat_template_gives_data_py_ids_at_every_condition(dataset
             text + ours.template.role_prefix("assistant", condition))
 
 
-def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path):
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path,
+                                                                                    vocab_multiple):
     torch.manual_seed(0)
     base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
     Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)).save_pretrained(tmp_path, max_shard_bytes=100_000)
-    result = run(["base", dataset, tmp_path], world=2, script="tests/train_worker.py")
+    result = run(["base", dataset, tmp_path, vocab_multiple], world=2, script="tests/train_worker.py")
     assert result.stdout.count("base loaded") == 2
 
 
@@ -212,6 +214,16 @@ def test_compiled_blocks_train_as_eager_ones_on_cuda(dataset, tmp_path):
     run(small_run(dataset, tmp_path / "compiled", "--max-steps=3", "--compile"))
     for eager, compiled in zip(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled")):
         assert abs(compiled["loss"] - eager["loss"]) <= 2e-2 * eager["loss"]
+
+
+def test_vocabulary_padding_rows_train_as_none_and_leave_the_exports(dataset, tmp_path):
+    """--vocab-multiple=64 (a GPU's default) on the CPU: the same losses as without, an export of the real size."""
+    run(small_run(dataset, tmp_path / "plain", "--max-steps=3"))
+    run(small_run(dataset, tmp_path / "padded", "--max-steps=3", "--vocab-multiple=64"))
+    for plain, padded in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "padded")):
+        assert abs(padded["loss"] - plain["loss"]) <= 1e-5 * plain["loss"]
+    vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["vocab_size"]
+    assert vocab % 64 and exported(tmp_path / "padded")["model.embed_tokens.weight"].shape[0] == vocab
 
 
 @pytest.mark.parametrize("world", [1, 2])

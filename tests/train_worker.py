@@ -1,7 +1,8 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of SPEC §2, in float64
-  train_worker.py base DATA BASE  a Hugging Face base read a slice per rank, new token rows at the mean
+  train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
+                                             vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
   train_worker.py bf16 DATA       under a bf16 policy the token weights reach the loss in float32, exact
   train_worker.py state DATA      bench.py scale's sharded parameters, gradients and AdamW moments, as held
@@ -64,14 +65,15 @@ def step_identity(data_dir):
     print(f"rank {rank}: normalisation identity holds (rank weight sums {rank_sums(bins)})", flush=True)
 
 
-def base_loading(data_dir, base_dir):
-    cfg = train.TrainConfig(data=data_dir, base=base_dir)
+def base_loading(data_dir, base_dir, vocab_multiple="1"):
+    cfg = train.TrainConfig(data=data_dir, base=base_dir, vocab_multiple=int(vocab_multiple))
     meta, _ = train.load_data(data_dir)
     model = train.build_model(cfg, meta, init_device_mesh("cpu", (dist.get_world_size(),)), CPU, torch.float32)
     base = Transformer.from_pretrained(base_dir)
     rows = base.config.vocab_size
     assert model.config.vocab_size == meta["tokenizer"]["vocab_size"] > rows
     loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
+    assert len(loaded["lm_head.weight"]) == model.config.rows and model.config.rows % int(vocab_multiple) == 0
     for name, p in base.named_parameters():
         if name in ("embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(loaded[name][:rows], p)
