@@ -664,10 +664,12 @@ def main(argv):
         if cfg.preset == "demo" and (cfg.data, cfg.base) == (TrainConfig.data, DEMO_BASE):
             ensure_demo_base()
     setup_processes()
-    try:
-        train(cfg)
-    finally:
-        dist.destroy_process_group()
+    train(cfg)
+    # Only after success (after an error another rank may be inside a collective and destroying would hang,
+    # as torchtitan found), and only once every rank is done: gloo aborted now and then when one rank tore
+    # its connections down while another still used them (1 run in 12 of a 2-rank test without the barrier).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def main():
             err = ((got - p.grad).norm() / p.grad.norm()).item()
             assert err < tol, f"{name}: {pname} gradient off by {err:.2e} (relative)"
         print(f"rank {rank}: {name}: fsdp2 gradients match", flush=True)
+    dist.barrier()  # every rank's communication done before any tears its connections down
     dist.destroy_process_group()
 
 
