@@ -368,14 +368,14 @@ def estimate_time(cfg: AblationConfig, runner: Runner) -> dict:
         with ThreadPoolExecutor(cfg.workers) as pool:
             list(pool.map(lambda w: subprocess.run(
                 [sys.executable, str(ROOT / "train.py"), f"--data={runner.datasets[VARIANTS[0].name]}",
-                 f"--base={cfg.base}", f"--out={probe_dir / str(w)}", f"--max-steps={steps}",
+                 f"--base={cfg.base}", f"--out={probe_dir / f'{steps}-{w}'}", f"--max-steps={steps}",
                  f"--batch-max-len={cfg.batch_max_len}", "--log-every=1000"], capture_output=True, cwd=ROOT,
                 env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True), range(cfg.workers)))
         timings[steps] = time.perf_counter() - begin
     per_step = (timings[50] - timings[10]) / 40
     start_s = timings[10] - 10 * per_step
     begin = time.perf_counter()
-    gen = Generator.load(probe_dir / "0" / "exports" / "step-50", device="cpu")
+    gen = Generator.load(probe_dir / "50-0" / "exports" / "step-50", device="cpu")
     demo_accuracy(gen, runner.validation, "GPT4", max_new_tokens=cfg.max_new_tokens, progress=False)
     score_s = time.perf_counter() - begin
     shutil.rmtree(probe_dir)

@@ -40,7 +40,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 from cli import arg, parse
 from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
-                   iter_checkpoint, read_json, write_hf_checkpoint, write_json)
+                   iter_checkpoint, read_json, write_atomically, write_hf_checkpoint, write_json)
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -357,6 +357,24 @@ def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_
 # gloo, left every later training step about twice as slow on our 2-core CPU (cause not found).
 
 
+def check_run_directory(out: Path, cfg: TrainConfig, data_sha: str):
+    """A run directory holds one run: a new run refuses one that holds another (its config.json), and --resume
+    refuses other data than the run's own (its meta.json's hash)."""
+    config = out / "config.json"
+    if not cfg.resume and config.exists():
+        raise FileExistsError(f"{out} already holds a run: --resume continues it; another --out starts a new one")
+    if cfg.resume and config.exists() and read_json(config).get("dataset_meta_sha256") != data_sha:
+        raise ValueError(f"--resume: {out} was trained on {read_json(config)['data']}, and {cfg.data}/meta.json "
+                         f"is not that dataset's: resume with the run's own data")
+
+
+def keep_metrics_up_to(path: Path, step: int):
+    """On resuming from a checkpoint of `step`, the rows logged after it go (they are logged again)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        write_atomically(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoints are written to .tmp-step-N and renamed to step-N when every rank has finished: a run
     killed while saving leaves only a .tmp directory, which is never resumed from."""
@@ -425,8 +443,7 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
             "template": meta["template"], "inference_condition": meta["inference_condition"],
             "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_file": tok["file"],
             "tokenizer_sha256": tok["sha256"], "dataset": str(Path(cfg.data).resolve()), "step": step})
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(tmp, path)
+        data.replace_directory(tmp, path)  # the old export moved aside, the new one in, then the old removed
     dist.barrier()
 
 
@@ -510,6 +527,9 @@ def train(cfg: TrainConfig):
     out = Path(cfg.out)
     log = print if rank == 0 else (lambda *a, **k: None)
     meta, split = load_data(cfg.data)
+    data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
+    check_run_directory(out, cfg, data_sha)
+    dist.barrier()  # every rank has looked before rank 0 writes config.json
     classes = [s["condition"] or f"class {i}" for i, s in enumerate(meta["sources"])]
     compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -536,9 +556,15 @@ def train(cfg: TrainConfig):
             raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
         step, epoch, next_step = load_checkpoint(model, optimizer, checkpoints[-1], cfg, rank)
         log(f"resumed from {checkpoints[-1]}: step {step}, epoch {epoch + 1}")
+        if step >= total_steps:
+            exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
+            log(f"{out} is complete ({step} of {total_steps} steps): nothing to do")
+            return model, exports[-1] if exports else None
+        if rank == 0:
+            keep_metrics_up_to(out / "metrics.jsonl", step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", asdict(cfg))
+        write_json(out / "config.json", {**asdict(cfg), "dataset_meta_sha256": data_sha})
     log(f"{world} rank(s) on {device.type}, {compute_dtype}; {len(split.lengths):,} conversations; "
         f"{total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
         f"({supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")

@@ -149,6 +149,29 @@ def test_a_killed_run_resumes_bit_identical_to_an_uninterrupted_one(dataset, tmp
     assert all(after[r["step"]] == r["loss"] for r in metrics(tmp_path / "straight") if r["step"] > killed_at)
 
 
+def test_a_run_directory_holds_one_run(dataset, tmp_path):
+    """A second run into it is refused before training; --resume refuses other data; resuming a finished run
+    says so; rows logged after the resumed checkpoint are not kept twice."""
+    run(small_run(dataset, tmp_path / "run", "--max-steps=5", "--save-every=2"))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = run(small_run(dataset, tmp_path / "run", "--max-steps=5"), check=False)
+    assert again.returncode != 0 and "already holds a run: --resume continues it" in again.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before and "step 1/" not in again.stdout
+
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    (other / "meta.json").write_text((other / "meta.json").read_text().replace('"max_len"', '"max_len" '))
+    refused = run(small_run(other, tmp_path / "run", "--max-steps=6", "--resume"), check=False)
+    assert refused.returncode != 0 and "is not that dataset's: resume with the run's own data" in refused.stderr
+
+    done = run(small_run(dataset, tmp_path / "run", "--max-steps=5", "--resume"))
+    assert "is complete (5 of 5 steps): nothing to do" in done.stdout
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000005")  # as if killed after logging step 5
+    run(small_run(dataset, tmp_path / "run", "--max-steps=6", "--resume"))
+    assert [row["step"] for row in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_keep_last_keeps_only_the_newest_checkpoints(dataset, tmp_path):
     run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=1", "--keep-last=2"))
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000005", "step-00000006"]
