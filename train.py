@@ -420,6 +420,30 @@ def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -
     return step, epoch, next_step
 
 
+def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int, log) -> tuple[int, int, int]:
+    """Loads the newest complete checkpoint that loads: a damaged one (a truncated file, an empty .metadata) is
+    named, renamed damaged-step-N, and the one before it tried. A checkpoint of another world size or
+    --grad-accum stops the run."""
+    checkpoints = complete_checkpoints(out)
+    if not checkpoints:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+    for path in reversed(checkpoints):
+        try:
+            step, epoch, next_step = load_checkpoint(model, optimizer, path, cfg, rank)
+        except ValueError:
+            raise
+        except (Exception, dcp.CheckpointException) as e:  # damage: EOFError, AssertionError, … (not Exceptions)
+            log(f"checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); kept as damaged-{path.name},"
+                f" trying the one before")
+            if rank == 0:  # kept for a look, never resumed from again; its step can be saved anew
+                os.rename(path, path.with_name(f"damaged-{path.name}"))
+            dist.barrier()
+            continue
+        log(f"resumed from {path}: step {step}, epoch {epoch + 1}")
+        return step, epoch, next_step
+    raise RuntimeError(f"--resume: none of the {len(checkpoints)} checkpoints in {out / 'checkpoints'} loads")
+
+
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
     """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer with its
     added special tokens and a chat template, and crlft.json (template, conditions, inference condition),
@@ -551,11 +575,7 @@ def train(cfg: TrainConfig):
     optimizer = make_optimizer(model, cfg, peak_lr)
     step, epoch, next_step = 0, 0, 0
     if cfg.resume:
-        checkpoints = complete_checkpoints(out)
-        if not checkpoints:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        step, epoch, next_step = load_checkpoint(model, optimizer, checkpoints[-1], cfg, rank)
-        log(f"resumed from {checkpoints[-1]}: step {step}, epoch {epoch + 1}")
+        step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
         if step >= total_steps:
             exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
             log(f"{out} is complete ({step} of {total_steps} steps): nothing to do")

@@ -172,6 +172,20 @@ def test_a_run_directory_holds_one_run(dataset, tmp_path):
     assert [row["step"] for row in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(dataset, tmp_path):
+    run(small_run(dataset, tmp_path / "whole", "--max-steps=6", "--save-every=2"))
+    run(small_run(dataset, tmp_path / "run", "--max-steps=4", "--save-every=2"))
+    [shard] = (tmp_path / "run" / "checkpoints" / "step-00000004").glob("*.distcp")
+    os.truncate(shard, 100)  # as a disk that filled while the file was written would leave it
+    resumed = run(small_run(dataset, tmp_path / "run", "--max-steps=6", "--save-every=2", "--resume"))
+    assert "step-00000004 does not load" in resumed.stdout and "resumed from" in resumed.stdout
+    assert (tmp_path / "run" / "checkpoints" / "damaged-step-00000004").exists()
+    assert [(r["step"], r["loss"]) for r in metrics(tmp_path / "run")] == [
+        (r["step"], r["loss"]) for r in metrics(tmp_path / "whole")]  # steps 3-4 again, exactly as before
+    whole, resumed_export = exported(tmp_path / "whole"), exported(tmp_path / "run")
+    assert all(torch.equal(whole[n], resumed_export[n]) for n in whole)
+
+
 def test_keep_last_keeps_only_the_newest_checkpoints(dataset, tmp_path):
     run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=1", "--keep-last=2"))
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000005", "step-00000006"]
