@@ -360,12 +360,14 @@ def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_
 def check_run_directory(out: Path, cfg: TrainConfig, data_sha: str):
     """A run directory holds one run: a new run refuses one that holds another (its config.json), and --resume
     refuses other data than the run's own (its meta.json's hash)."""
-    config = out / "config.json"
-    if not cfg.resume and config.exists():
+    if not (out / "config.json").exists():
+        return
+    if not cfg.resume:
         raise FileExistsError(f"{out} already holds a run: --resume continues it; another --out starts a new one")
-    if cfg.resume and config.exists() and read_json(config).get("dataset_meta_sha256") != data_sha:
-        raise ValueError(f"--resume: {out} was trained on {read_json(config)['data']}, and {cfg.data}/meta.json "
-                         f"is not that dataset's: resume with the run's own data")
+    config = read_json(out / "config.json")
+    if config.get("dataset_meta_sha256") != data_sha:
+        raise ValueError(f"--resume: {out} was trained on {config['data']}, and {cfg.data}/meta.json is not that "
+                         f"dataset's: resume with the run's own data")
 
 
 def keep_metrics_up_to(path: Path, step: int):
@@ -432,7 +434,7 @@ def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int,
             step, epoch, next_step = load_checkpoint(model, optimizer, path, cfg, rank)
         except ValueError:
             raise
-        except (Exception, dcp.CheckpointException) as e:  # damage: EOFError, AssertionError, … (not Exceptions)
+        except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             log(f"checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); kept as damaged-{path.name},"
                 f" trying the one before")
             if rank == 0:  # kept for a look, never resumed from again; its step can be saved anew
