@@ -27,3 +27,13 @@ def agieval_dir() -> Path:
 def mt_bench_questions() -> Path:
     from assets import MT_BENCH, fetch_asset
     return fetch_asset(*MT_BENCH)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The demo task, small: 240 conversations, about 12k tokens, two sources weighing 1.0 and 0.1."""
+    from demo import DemoConfig, make_demo
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, validation_prompts=20,
+                         base_documents=200, vocab_size=420, seed=1))
+    return out / "dataset"

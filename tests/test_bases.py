@@ -158,23 +158,14 @@ def test_the_exported_3_6_chat_template_gives_the_reference_ids_through_transfor
 # Tied embeddings, and a real base
 
 
-@pytest.fixture(scope="module")
-def demo_dataset(tmp_path_factory):
-    from demo import DemoConfig, make_demo
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(DemoConfig(out=str(out), conversations=120, holdout_prompts=10, validation_prompts=10,
-                         base_documents=200, vocab_size=420, seed=4))
-    return out / "dataset"
-
-
 @pytest.mark.parametrize("world", [1, 2])
-def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(demo_dataset, tmp_path, world):
+def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(dataset, tmp_path, world):
     """meta → fully_shard → to_empty → load: the output head is the embedding, the new EOT row starts at the
     mean, and the one gradient is the sum of both uses, as in a float64 model of the base."""
     torch.manual_seed(0)
-    base_rows = json.loads((demo_dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
+    base_rows = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
     Transformer(ModelConfig.from_name("tiny", vocab_size=base_rows, tie_embeddings=True)).save_pretrained(tmp_path)
-    result = run(["tied", demo_dataset, tmp_path], world=world, script="tests/train_worker.py")
+    result = run(["tied", dataset, tmp_path], world=world, script="tests/train_worker.py")
     assert result.stdout.count("tied base loaded, one gradient") == world
 
 

@@ -20,17 +20,8 @@ import data
 import train
 from conftest import ROOT
 from data import load_split
-from demo import DemoConfig, make_demo
+from demo import DemoConfig
 from model import ModelConfig, Transformer
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The demo task, small: 240 conversations, about 12k tokens, two sources weighing 1.0 and 0.1."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    make_demo(DemoConfig(out=str(out), conversations=240, holdout_prompts=20, validation_prompts=20,
-                         base_documents=200, vocab_size=420, seed=1))
-    return out / "dataset"
 
 
 def run(args, world=1, check=True, preexec_fn=None, script="train.py"):
