@@ -259,7 +259,8 @@ def bench_datasets(tmp: Path) -> dict:
     return {"demo": Path(demo.out) / "dataset", "sharegpt": tmp / "sharegpt"}
 
 
-def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: int, steps: int, device: str):
+def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: int, steps: int, device: str,
+                  compile: bool):
     """(tokens/s, model FLOPs/s, peak bytes) of `steps` optimizer steps after 2 of warm-up, one packed
     stream of batch_max_len tokens per step, the batch made from the dataset inside the step for every
     system. train: train.py's own step (FSDP2 for a world of one, AdamW, clipping); plain: the same model
@@ -270,7 +271,7 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta, split = train.load_data(dataset)
-    cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4)
+    cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4, compile=compile)
     plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
     if len(plan) < steps + 2:
         raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
@@ -303,6 +304,8 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
             num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
             num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
             attn_implementation="sdpa")).to(device)
+        if compile:
+            model.compile()
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                       weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
@@ -344,7 +347,8 @@ def bench_train(args):
     tmp = tempfile.TemporaryDirectory()
     datasets = bench_datasets(Path(tmp.name))
     print(f"\nbench.py train on {device_name(device)}, torch {torch.__version__}: {args.steps} optimizer steps of "
-          f"one {batch_max_len:,}-token packed stream after 2 of warm-up, each system in a fresh process; "
+          f"one {batch_max_len:,}-token packed stream after 2 of warm-up{', torch.compile' if args.compile else ''}, "
+          f"each system in a fresh process; "
           f"memory: {'peak CUDA allocation' if device == 'cuda' else 'peak RSS of the process'}\n")
     print("| model | parameters | system | tokens/s | vs train.py | MFU | peak memory |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -360,7 +364,7 @@ def bench_train(args):
             for impl in impls:
                 with spawn.Pool(1) as pool:
                     results[impl] = pool.apply(measure_train, (impl, config, datasets[dataset], batch_max_len,
-                                                               args.steps, device))
+                                                               args.steps, device, args.compile))
             for impl in impls:
                 tokens_s, flops_s, memory = results[impl]
                 mfu = f"{flops_s / peak:.1%}" if peak else "-"
@@ -472,6 +476,8 @@ def main():
     training = modes.add_parser("train", help="train.py's step vs a plain loop and transformers")
     training.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     training.add_argument("--batch-max-len", type=int, help="tokens per step (default 8192 on GPU, 4096 on CPU)")
+    training.add_argument("--compile", action="store_true",
+                          help="torch.compile: train.py's blocks, transformers' model")
     scale = modes.add_parser("scale", help="memory per GPU by component and step time, by arithmetic")
     scale.add_argument("--models", nargs="+", default=["Llama-2-7B", "Llama-3-8B", "Llama-2-13B"], help="presets")
     scale.add_argument("--gpus", type=int, default=8, help="ranks sharing the model (FSDP)")

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -126,10 +127,12 @@ def setup_processes():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     backend = "nccl" if cuda else "gloo"
+    # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, on every barrier).
+    device_id = device if cuda else None
     if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device if cuda else None)
+        dist.init_process_group(backend, device_id=device_id)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
 
 
 def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
@@ -354,7 +357,9 @@ def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_
 
 
 # DCP with no_dist for a world of one: the same files, without the collectives that, on torch 2.13 with
-# gloo, left every later training step about twice as slow on our 2-core CPU (cause not found).
+# gloo, left every later training step about twice as slow on our 2-core CPU (cause not found). DCP warns
+# at every such save that it "assumes a single process": that is the intent, so the warning is silenced.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def check_run_directory(out: Path, cfg: TrainConfig, data_sha: str):
