@@ -85,7 +85,10 @@ class SentencePiece:
     file_name = "tokenizer.model"
 
     def __init__(self, path: Path):
-        self.path, self.sp = path, spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.path, self.sp = path, spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a SentencePiece model ({str(e).strip()})") from None
         self.vocab_size, self.bos_id, self.eos_id = self.sp.get_piece_size(), self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
             raise ValueError(f"{path} has no BOS or no EOS token")
@@ -149,8 +152,8 @@ class Tokenizer:
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; templates: {', '.join(TEMPLATES)}")
         self.path, self.template_name, self.template = Path(path), template, TEMPLATES[template]
-        if not self.path.exists():
-            raise FileNotFoundError(f"tokenizer {self.path} is missing")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer {self.path} is missing or not a file")
         self.backend = HFTokenizer(self.path) if self.path.suffix == ".json" else SentencePiece(self.path)
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
         self.base_vocab_size = self.vocab_size = self.backend.vocab_size
@@ -238,6 +241,11 @@ class BadInput(ValueError):
         self.reason = reason
 
 
+class UnreadableFile(ValueError):
+    """A file that cannot be read record by record: not skipped even with --skip-bad, since the records
+    after the fault could not be counted (a JSON array broken mid-file, text after its closing ']')."""
+
+
 @dataclass
 class Source:
     condition: str
@@ -264,12 +272,22 @@ def parse_source_flag(text: str) -> Source:
 
 def read_source_spec(path: Path) -> list[Source]:
     """A JSON list of {"condition", "weight", "files"}; relative file names are relative to the spec."""
+    expected = f"{path}: expected a JSON list of {{\"condition\": str, \"weight\": number, \"files\": [str, ...]}}"
     try:
-        spec = json.loads(path.read_text())
-        return [Source(s["condition"], parse_weight(s["weight"], f"{path}: source {i}"),
-                       [path.parent / f for f in s["files"]]) for i, s in enumerate(spec)]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected a JSON list of {{condition, weight, files}} ({e})") from None
+        spec = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{expected} ({e})") from None
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"{expected}, not {json.dumps(spec)[:60]}")
+    sources = []
+    for i, s in enumerate(spec):
+        files = s.get("files") if isinstance(s, dict) else None
+        if not (isinstance(files, list) and files and all(isinstance(f, str) and f for f in files)
+                and isinstance(s.get("condition"), str)):
+            raise ValueError(f"{expected}; source {i} is {json.dumps(s)[:80]}")
+        sources.append(Source(checked_utf8(s["condition"], f"{path}: source {i}", "its condition"),
+                              parse_weight(s.get("weight"), f"{path}: source {i}"), [path.parent / f for f in files]))
+    return sources
 
 
 def parse_weight(value, where: str) -> float:
@@ -282,45 +300,79 @@ def parse_weight(value, where: str) -> float:
     return weight
 
 
-def read_records(path: Path):
-    """Yields (record, where) for each record of a JSON array or a JSONL file, or (BadInput, where) for
-    one that cannot be parsed. Invalid UTF-8 is kept as lone surrogates and refused per message."""
+def read_text(path: Path) -> str:
+    """A file's text. Invalid UTF-8 is kept as lone surrogates and refused where it is used; a UTF-8 byte
+    order mark is dropped."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    if text.lstrip().startswith("["):
-        yield from read_json_array(text, path)
-        return
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def parse_int(digits: str):
+    """Integers longer than Python converts (4,300 digits) read as infinity: the field that holds one is then
+    refused with its record named, instead of json raising with no line."""
+    return int(digits) if len(digits) < 4300 else math.inf
+
+
+DECODER = json.JSONDecoder(parse_int=parse_int)
+
+
+def read_records(path: Path):
+    """Yields (record, where) for each record of a JSON array or a JSONL file, or (BadInput, where) for
+    one that cannot be parsed. A file with no record at all is an error, not an empty dataset."""
+    text = read_text(path)
+    found = 0
+    for found, item in enumerate(read_json_array(text, path) if text.lstrip().startswith("[") else
+                                 read_jsonl(text, path), 1):
+        yield item
+    if not found:
+        raise UnreadableFile(f"{path} holds no records")
+
+
+def read_jsonl(text: str, path: Path):
     for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                yield json.loads(line), f"{path}:{n}"
+                yield DECODER.decode(line), f"{path}:{n}"
             except json.JSONDecodeError as e:
                 yield BadInput("malformed_json", f"{path}:{n}", f"malformed JSON: {e.msg} (column {e.colno})"), ""
+            except RecursionError:
+                yield BadInput("malformed_json", f"{path}:{n}", "JSON nested too deeply to read"), ""
 
 
 def read_json_array(text: str, path: Path):
-    """Record by record (json.JSONDecoder.raw_decode), so a file cut off mid-record still yields what
-    precedes the cut (the real ShareGPT file is such a file)."""
-    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    """Record by record (json.JSONDecoder.raw_decode). A file cut off inside its last record (the real
+    ShareGPT file is one) yields what precedes the cut and then the cut record as bad input. A fault
+    anywhere else leaves the following records unfindable: UnreadableFile."""
+    ws = re.compile(r"\s*")
     pos = ws.match(text, text.index("[") + 1).end()
     line, counted, index = 1, 0, 0
     while not text.startswith("]", pos):
         line, counted = line + text.count("\n", counted, pos), pos
         where = f"{path}:{line} (record {index})"
         try:
-            record, pos = decoder.raw_decode(text, pos)
+            record, pos = DECODER.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            yield BadInput("malformed_json", where, f"malformed JSON: {e.msg}; the rest of the file is unreadable"), ""
-            return
+            if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip()):
+                yield BadInput("malformed_json", where, "malformed JSON: the file ends inside this record"), ""
+                return
+            raise UnreadableFile(f"{where}: malformed JSON: {e.msg} (line {e.lineno}, column {e.colno}); the "
+                                 f"records after it cannot be found in a JSON array: fix it, or write the file as "
+                                 f"JSONL (one record per line), where --skip-bad can skip a bad line") from None
+        except RecursionError:
+            raise UnreadableFile(f"{where}: JSON nested too deeply to read") from None
         yield record, where
         index += 1
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
         elif not text.startswith("]", pos):
-            yield BadInput("malformed_json", where, "malformed JSON: expected ',' or ']' after the record"), ""
-            return
+            raise UnreadableFile(f"{where}: malformed JSON: expected ',' or ']' after the record")
+    line += text.count("\n", counted, pos)
+    if text[pos + 1:].strip():
+        raise UnreadableFile(f"{path}:{line}: text after the array's closing ']'")
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -342,6 +394,11 @@ def get_field(obj, key: str, kind, where: str, what: str, required=True):
 def checked_text(text: str, where: str, what: str) -> str:
     if not text.strip():
         raise BadInput("empty_message", where, f"{what} is empty")
+    return checked_utf8(text, where, what)
+
+
+def checked_utf8(text: str, where: str, what: str) -> str:
+    """Invalid UTF-8 in a file, or a lone surrogate escaped in its JSON, cannot be tokenized: refused."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -358,6 +415,9 @@ def parse_record(record, source: Source, class_id: int, where: str) -> Conversat
         items = get_field(record, "items", list, where, "the record")
         condition = get_field(record, "condition", str, where, "the record", required=False)
         system = get_field(record, "system", str, where, "the record", required=False) or None
+        for value, what in ((condition, "its condition"), (system, "its system message")):
+            if value is not None:
+                checked_utf8(value, where, what)
         messages = []
         for i, item in enumerate(items):
             what = f"item {i}"
@@ -551,6 +611,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     Written under a temporary name and renamed when complete; returns meta."""
     if not cfg.out or not cfg.tokenizer or not (cfg.source or cfg.sources):
         raise ValueError("prepare needs --out, --tokenizer and --source (or --sources)")
+    check_split_options(cfg.max_len, cfg.holdout)
     out = Path(cfg.out)
     check_replaceable(out)
     start = time.perf_counter()
@@ -592,6 +653,7 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
     corpus is JSONL of {"text"}; each document becomes BOS + its pieces + EOS and every token is learned
     with weight 1: plain language modelling, no template, no condition, one class."""
     check_replaceable(Path(out))
+    check_split_options(max_len, holdout)
     start = time.perf_counter()
     tokenizer = Tokenizer(tokenizer_path, "text")
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
@@ -625,6 +687,13 @@ def read_texts(path: Path) -> list[tuple[str, str]]:
     return texts
 
 
+def check_split_options(max_len: int, holdout: float):
+    if max_len < 2:
+        raise ValueError(f"--max-len={max_len}: a conversation needs at least 2 tokens")
+    if not 0 <= holdout < 1:
+        raise ValueError(f"--holdout={holdout}: a fraction in [0, 1)")
+
+
 def check_replaceable(out: Path):
     if out.exists() and not (out / "meta.json").exists():
         raise FileExistsError(f"{out} exists and is not a dataset directory: refusing to replace it")
@@ -649,11 +718,15 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
     }
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, split in splits.items():
-        write_split(tmp / name, split)
-    shutil.copyfile(tokenizer.path, tmp / tokenizer.backend.file_name)  # the dataset carries its tokenizer
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    replace_directory(tmp, out)
+    try:
+        for name, split in splits.items():
+            write_split(tmp / name, split)
+        shutil.copyfile(tokenizer.path, tmp / tokenizer.backend.file_name)  # the dataset carries its tokenizer
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        replace_directory(tmp, out)
+    except BaseException:  # a full disk, an unwritable folder, Ctrl-C: no partial dataset is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return meta
 
 
@@ -854,7 +927,7 @@ def main(argv):
     config_class, run, doc = commands[argv[0]]
     try:
         run(parse(config_class, argv[1:], doc))
-    except (BadInput, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing or unwritable file, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -228,6 +228,11 @@ BAD_LINES = {
     "wrong_type (not an object)": b'[1, 2]',
     "wrong_type (weight)": b'{"items": [{"role": "assistant", "content": "A", "weight": "0.5"}]}',
     "missing_field (neither format)": b'{"messages": []}',
+    "invalid_utf8 (system)": b'{"items": [{"role": "assistant", "content": "A"}], "system": "\\udcff"}',
+    "invalid_utf8 (condition)": b'{"items": [{"role": "assistant", "content": "A"}], "condition": "\\udcff"}',
+    "malformed_json (nested 10,000 deep)": b"[" * 10_000 + b"]" * 10_000,
+    "bad_weight (a 5,000-digit integer)": b'{"items": [{"role": "assistant", "content": "A", "weight": 1'
+                                          + b"0" * 5000 + b"}]}",
 }
 
 
@@ -254,6 +259,88 @@ def test_a_json_array_cut_off_mid_record_keeps_what_precedes_the_cut(tmp_path):
         prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
     meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"], skip_bad=True)
     assert meta["skipped_bad_input"] == {"malformed_json": 1} and len(split.lengths) == 1
+
+
+RECORDS = [sharegpt(("human", "Q1"), ("gpt", "A1")), sharegpt(("human", "Q2"), ("gpt", "A2"))]
+ARRAY = json.dumps(RECORDS, indent=1).encode()
+# Files that cannot be read record by record: an error naming the file (and line), --skip-bad or not.
+UNREADABLE = {
+    "a syntax error in an array's record 1": (ARRAY.replace(b'"Q2"', b'"Q2" "x"'),
+                                              r":\d+ \(record 1\): malformed JSON"),
+    "text after the closing ]": (ARRAY + b"\ngarbage", r":\d+: text after the array's closing"),
+    "a second array": (ARRAY + ARRAY, r"text after the array's closing"),
+    "an array nested 10,000 deep": (b"[" + b"[" * 10_000 + b"]" * 10_000 + b"]",
+                                    r"\(record 0\): JSON nested too deeply"),
+    "an empty file": (b"", r"holds no records"),
+    "an empty array": (b" [ ]\n", r"holds no records"),
+    "blank lines only": (b"\n \n", r"holds no records"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_a_file_that_cannot_be_read_record_by_record_is_an_error_even_with_skip_bad(tmp_path, case):
+    content, message = UNREADABLE[case]
+    path = tmp_path / "chat.json"
+    path.write_bytes(content)
+    for skip_bad in (False, True):
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+            prepare_files(tmp_path, [f"GPT4:1.0:{path}"], skip_bad=skip_bad)
+        assert not list(tmp_path.glob("dataset*"))
+
+
+@pytest.mark.parametrize("name, content", [("chat.json", ARRAY), ("chat.jsonl", b"\n".join(map(str.encode, map(
+    json.dumps, RECORDS))))])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content)
+    meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
+    assert meta["read"]["records"] == 2 and len(split.lengths) == 2
+
+
+def test_bad_options_and_files_are_named_before_anything_is_written(tmp_path):
+    good = tmp_path / "chat.jsonl"
+    write_jsonl(good, RECORDS)
+    spec = tmp_path / "sources.json"
+    spec.write_text(json.dumps([{"condition": "GPT4", "weight": 1, "files": "chat.jsonl"}]))
+    not_a_model = tmp_path / "tokenizer.model"
+    not_a_model.write_text("not a model")
+    cases = [
+        (dict(source=[f"GPT4:1.0:{tmp_path}"]), rf"{tmp_path} is not a file"),
+        (dict(source=[], sources=str(spec)), r"source 0 is .*\"files\": \"chat.jsonl\""),
+        (dict(source=[f"GPT4:1.0:{good}"], holdout=1.5), r"--holdout=1.5: a fraction in \[0, 1\)"),
+        (dict(source=[f"GPT4:1.0:{good}"], max_len=0), r"--max-len=0"),
+        (dict(source=[f"GPT4:1.0:{good}"], tokenizer=str(not_a_model)), rf"{not_a_model} is not a SentencePiece model"),
+    ]
+    for options, message in cases:
+        cfg = PrepareConfig(tokenizer=str(MISTRAL_TOKENIZER), template="openchat_v3.2", out=str(tmp_path / "dataset"))
+        with pytest.raises(ValueError, match=message):
+            prepare(replace(cfg, **options))
+        assert not list(tmp_path.glob("dataset*"))
+
+
+def run_prepare(tmp_path, out, preexec_fn=None):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, RECORDS * 200)
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", f"--source=GPT4:1.0:{path}",
+                           f"--tokenizer={MISTRAL_TOKENIZER}", f"--out={out}"], capture_output=True, text=True,
+                          preexec_fn=preexec_fn)
+
+
+def test_an_unwritable_output_or_a_full_disk_is_an_error_and_leaves_nothing_behind(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run = run_prepare(tmp_path, tmp_path / "a-file" / "dataset")
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
+    assert "a-file" in run.stderr
+
+    def small_disk():  # writes beyond 64 KiB fail as on a full disk (EFBIG instead of ENOSPC)
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+    run = run_prepare(tmp_path, tmp_path / "dataset", preexec_fn=small_disk)
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
+    assert "File too large" in run.stderr
+    assert not list(tmp_path.glob("dataset*"))
 
 
 def test_the_command_line_reports_bad_input_and_fails(tmp_path):
