@@ -12,11 +12,14 @@ then the four ways to use it.
 """
 
 import json
+import math
+import re
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -66,12 +69,13 @@ class Generator:
     """A model with its tokenizer and inference condition, and a static KV cache reused across calls."""
 
     def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str, name: str,
-                 compile=False):
+                 compile=False, conditions: list[str] | None = None):
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer {tokenizer.vocab_size} "
                              f"tokens")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.inference_condition = inference_condition
+        self.conditions = conditions or [inference_condition]  # the ones the model was trained with
         self.device = next(model.parameters()).device
         self.cache_shape = (0, 0)
         # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a CUDA graph.
@@ -88,10 +92,12 @@ class Generator:
             meta = read_json(path / "crlft.json")
             tokenizer = data.Tokenizer(path / meta["tokenizer_file"], meta["template"])
             expected, condition = meta["tokenizer_sha256"], meta["inference_condition"]
+            conditions = meta["conditions"]
         elif dataset:
             meta = data.load_meta(dataset)
             tokenizer = data.Tokenizer(Path(dataset) / meta["tokenizer"]["file"], meta["template"])
             expected, condition = meta["tokenizer"]["sha256"], meta["inference_condition"]
+            conditions = meta["conditions"]
         else:
             raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base with --data")
         if tokenizer.sha256 != expected:
@@ -103,11 +109,17 @@ class Generator:
                                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         if model.config.vocab_size == tokenizer.base_vocab_size < tokenizer.vocab_size:
             model.extend_vocab(tokenizer.vocab_size)
-        return cls(model, tokenizer, condition, path.resolve().name, compile)
+        return cls(model, tokenizer, condition, path.resolve().name, compile, conditions)
 
     def prompt_ids(self, messages: list[data.Message], condition: str | None = None, system: str | None = None):
-        """The ids the model answers from: the training template up to the assistant prefix."""
+        """The ids the model answers from: the training template up to the assistant prefix. A condition the
+        model never saw in training would prompt it with nonsense: refused."""
         condition = self.inference_condition if condition is None else condition
+        if condition not in self.conditions:
+            raise ValueError(f"unknown condition {condition!r}: the model was trained with "
+                             f"{', '.join(map(repr, self.conditions))}")
+        for text in [system or "", *(m.text for m in messages)]:
+            data.checked_utf8(text, "the prompt", "a message or the system prompt")  # a lone surrogate
         return data.tokenize_conversation(self.tokenizer, messages, condition, system or None, inference=True)[0]
 
     def ensure_cache(self, batch_size: int, length: int):
@@ -211,11 +223,33 @@ def chat(gen: Generator, cfg: SampleConfig):
             history = []
             continue
         history.append(data.Message("user", line))
+        history, prompt = fit_history(gen, history, condition, cfg)
+        if prompt is None:
+            print("(that message alone is longer than the model's context: not sent)")
+            continue
         print("model> ", end="", flush=True)
-        [reply] = generate_for(gen, cfg, [gen.prompt_ids(history, condition, cfg.system)],
+        [reply] = generate_for(gen, cfg, [prompt],
                                on_token=TextStream(gen.tokenizer, lambda text: print(text, end="", flush=True)))
         print()
         history.append(data.Message("assistant", reply.text))
+
+
+def fit_history(gen: Generator, history: list[data.Message], condition: str, cfg: SampleConfig):
+    """(history, prompt ids), the oldest exchanges dropped, and said so, until the prompt leaves room for an
+    answer (--max-new-tokens, or half the context if that is less); (history without its last message, None)
+    when the last message alone does not fit."""
+    context = gen.model.config.max_seq_len
+    prompt = gen.prompt_ids(history, condition, cfg.system)
+    dropped = 0
+    while len(prompt) + min(cfg.max_new_tokens, context // 2) > context and len(history) > 1:
+        history, dropped = history[2:], dropped + 1
+        prompt = gen.prompt_ids(history, condition, cfg.system)
+    if dropped:
+        print(f"(the conversation outgrew the model's context of {context} tokens: its {dropped} oldest "
+              f"exchange{'s' if dropped > 1 else ''} forgotten)")
+    if len(prompt) >= context:
+        return history[:-1], None
+    return history, prompt
 
 
 class TextStream:
@@ -271,9 +305,9 @@ def batch_file(gen: Generator, cfg: SampleConfig):
 
 
 class RequestError(ValueError):
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
 
 
 def parse_messages(messages) -> tuple[list[data.Message], str | None]:
@@ -317,9 +351,14 @@ def check_request(body, gen: Generator) -> dict:
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", "n")
     temperature, top_p, top_k = body.get("temperature", 0), body.get("top_p", 1), body.get("top_k", 0)
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-    prompt = gen.prompt_ids(messages, body.get("condition"), system)
+    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):  # NaN fails every comparison
+        raise RequestError("temperature must be finite and >= 0, top_p in (0, 1], top_k >= 0")
+    if not 0 <= body.get("seed", 0) < 2**63:
+        raise RequestError("'seed' must be in [0, 2**63)", "seed")
+    try:
+        prompt = gen.prompt_ids(messages, body.get("condition"), system)
+    except ValueError as e:  # an unknown condition, a lone surrogate
+        raise RequestError(str(e), "condition" if "condition" in str(e) else "messages") from None
     if len(prompt) >= gen.model.config.max_seq_len:
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds {gen.model.config.max_seq_len}",
                            "messages")
@@ -327,34 +366,49 @@ def check_request(body, gen: Generator) -> dict:
                 seed=body.get("seed", 0), stream=body.get("stream", False))
 
 
+MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger body is refused before it is read
+
+
 def make_handler(gen: Generator, worker: ThreadPoolExecutor):
     class Handler(BaseHTTPRequestHandler):
+        """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]), whatever
+        is wrong with it, and the server goes on serving."""
         protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds a connection may stay silent: an idle or stalled client does not hold a thread
+        routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
 
-        def do_GET(self):
-            if self.path.rstrip("/") != "/v1/models":
+        def route(self):
+            path = self.path.split("?")[0].rstrip("/")
+            if path not in self.routes:
                 return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
+            if self.command != self.routes[path]:
+                self.close_connection = True  # a body sent with the wrong method is not read
+                return self.send_json(405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
+                                      {"Allow": self.routes[path]})
+            self.answered = False
+            try:
+                self.list_models() if path == "/v1/models" else self.chat_completion()
+            except RequestError as e:
+                self.close_connection = True  # the body may be unread: the connection cannot carry another
+                self.send_json(e.status, error_body(str(e), param=e.param))
+            except Exception as e:  # a fault of ours: said, logged, and the server goes on
+                self.log_error("%s failed: %r", path, e)
+                if not self.answered:
+                    self.send_json(500, error_body(f"server error: {e}", "server_error"))
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+
+        def list_models(self):
             self.send_json(200, {"object": "list", "data": [
                 {"id": gen.name, "object": "model", "created": 0, "owned_by": "crlft"}]})
 
-        def do_POST(self):
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
-            try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
-                request = check_request(body, gen)
-            except json.JSONDecodeError as e:
-                return self.send_json(400, error_body(f"malformed JSON: {e}"))
-            except RequestError as e:
-                return self.send_json(400, error_body(str(e), param=e.param))
+        def chat_completion(self):
+            request = check_request(self.read_json_body(), gen)
             reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
             if request["stream"]:
                 return self.stream(request["prompt"], settings, reply_id, created)
-            try:
-                [done] = worker.submit(gen.generate, [request["prompt"]], **settings).result()
-            except Exception as e:  # the server goes on serving
-                return self.send_json(500, error_body(f"generation failed: {e}", "server_error"))
+            [done] = worker.submit(gen.generate, [request["prompt"]], **settings).result()
             self.send_json(200, {
                 "id": reply_id, "object": "chat.completion", "created": created, "model": gen.name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
@@ -362,37 +416,68 @@ def make_handler(gen: Generator, worker: ThreadPoolExecutor):
                 "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
                           "total_tokens": done.prompt_tokens + len(done.tokens)}})
 
+        def read_json_body(self):
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise RequestError("a JSON body with its Content-Length is required", status=411)
+            if not re.fullmatch(r"[0-9]+", length):
+                raise RequestError(f"Content-Length {length!r} is not a number of bytes")
+            if int(length) > MAX_BODY:
+                raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}", status=413)
+            try:
+                raw = self.rfile.read(int(length))
+            except TimeoutError:
+                raise RequestError(f"the body did not arrive within {self.timeout} s", status=408) from None
+            try:
+                return json.loads(raw)  # bytes: invalid UTF-8 raises too
+            except (ValueError, RecursionError) as e:
+                raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
+
         def stream(self, prompt, settings, reply_id, created):
-            """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]."""
+            """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]; a
+            generation that fails ends with an error event, then [DONE]."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
+            self.answered, self.close_connection = True, True
+
+            def send(payload: dict):
+                self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
 
             def event(delta, finish_reason=None):
-                chunk = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": gen.name,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.flush()
+                send({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": gen.name,
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
 
             event({"role": "assistant", "content": ""})
             streamed = TextStream(gen.tokenizer, lambda text: event({"content": text}))
-            [done] = worker.submit(gen.generate, [prompt], on_token=streamed, **settings).result()
-            if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
-                event({"content": done.text[len(streamed.sent):]})
-            event({}, done.finish_reason)
+            try:
+                [done] = worker.submit(gen.generate, [prompt], on_token=streamed, **settings).result()
+                if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
+                    event({"content": done.text[len(streamed.sent):]})
+                event({}, done.finish_reason)
+            except Exception as e:
+                self.log_error("generation failed: %r", e)
+                send(error_body(f"generation failed: {e}", "server_error"))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-            self.close_connection = True
 
-        def send_json(self, status: int, body: dict):
+        def send_json(self, status: int, body: dict, headers: dict | None = None):
             payload = json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
+            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                               **(headers or {})}.items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(payload)
+            self.answered = True
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own answers (a malformed request line, headers too long, HEAD) in JSON too."""
+            self.close_connection = True
+            self.send_json(code, error_body(message or HTTPStatus(code).phrase))
 
         def log_message(self, format, *args):
             print(f"{self.address_string()} {format % args}", file=sys.stderr)
@@ -408,14 +493,22 @@ def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
     """A thread per connection, and one thread that runs every generation, so concurrent requests wait their
     turn and the model is only ever run from that thread: CUDA graphs recorded by --compile (reduce-overhead)
     belong to the thread that recorded them, and a thread per request would record them again each time."""
-    return ThreadingHTTPServer((host, port), make_handler(gen, ThreadPoolExecutor(max_workers=1)))
+    return Server((host, port), make_handler(gen, ThreadPoolExecutor(max_workers=1)))
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (socketserver's default, 5, makes a burst of clients wait)
 
 
 def main(argv):
     cfg = parse(SampleConfig, argv, __doc__)
     if not cfg.checkpoint:
         raise SystemExit("--checkpoint is required: an export folder written by train.py")
-    gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
+    try:
+        gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
+        gen.prompt_ids([], cfg.condition or None)  # an unknown --condition is refused before anything runs
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     torch.manual_seed(cfg.seed)
     if cfg.serve:
         server = make_server(gen, cfg.host, cfg.port)
