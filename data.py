@@ -321,11 +321,12 @@ DECODER = json.JSONDecoder(parse_int=parse_int)
 
 def read_records(path: Path):
     """Yields (record, where) for each record of a JSON array or a JSONL file, or (BadInput, where) for
-    one that cannot be parsed. A file with no record at all is an error, not an empty dataset."""
+    one that cannot be parsed. A .jsonl file is JSONL; another is a JSON array if it starts with '['. A file
+    with no record at all is an error, not an empty dataset."""
     text = read_text(path)
+    array = path.suffix != ".jsonl" and text.lstrip().startswith("[")
     found = 0
-    for found, item in enumerate(read_json_array(text, path) if text.lstrip().startswith("[") else
-                                 read_jsonl(text, path), 1):
+    for found, item in enumerate(read_json_array(text, path) if array else read_jsonl(text, path), 1):
         yield item
     if not found:
         raise UnreadableFile(f"{path} holds no records")

@@ -374,6 +374,7 @@ def make_handler(gen: Generator, worker: ThreadPoolExecutor):
         """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]), whatever
         is wrong with it, and the server goes on serving."""
         protocol_version = "HTTP/1.1"
+        default_request_version = "HTTP/1.1"  # a garbled request line gets a status line too, not HTTP/0.9's none
         timeout = 60  # seconds a connection may stay silent: an idle or stalled client does not hold a thread
         routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
 
@@ -382,14 +383,12 @@ def make_handler(gen: Generator, worker: ThreadPoolExecutor):
             if path not in self.routes:
                 return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
             if self.command != self.routes[path]:
-                self.close_connection = True  # a body sent with the wrong method is not read
                 return self.send_json(405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
                                       {"Allow": self.routes[path]})
             self.answered = False
             try:
                 self.list_models() if path == "/v1/models" else self.chat_completion()
             except RequestError as e:
-                self.close_connection = True  # the body may be unread: the connection cannot carry another
                 self.send_json(e.status, error_body(str(e), param=e.param))
             except Exception as e:  # a fault of ours: said, logged, and the server goes on
                 self.log_error("%s failed: %r", path, e)
@@ -473,10 +472,11 @@ def make_handler(gen: Generator, worker: ThreadPoolExecutor):
             self.end_headers()
             self.wfile.write(payload)
             self.answered = True
+            # After a refusal the request's body may be unread: the connection cannot carry another request.
+            self.close_connection |= status >= 400
 
         def send_error(self, code, message=None, explain=None):
             """http.server's own answers (a malformed request line, headers too long, HEAD) in JSON too."""
-            self.close_connection = True
             self.send_json(code, error_body(message or HTTPStatus(code).phrase))
 
         def log_message(self, format, *args):
