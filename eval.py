@@ -272,7 +272,11 @@ def main(argv):
     if not argv or argv[0] not in COMMANDS:
         print(__doc__ + "\n`python eval.py COMMAND --help` lists a command's options.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    COMMANDS[argv[0]](parse(EvalConfig, argv[1:], __doc__))
+    try:
+        COMMANDS[argv[0]](parse(EvalConfig, argv[1:], __doc__))
+    except (ValueError, OSError) as e:  # a missing checkpoint or dataset, an unknown condition: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -478,6 +478,13 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
     dist.barrier()
 
 
+def export_name(step: int, epoch: int, next_step: int, plans, total_steps: int) -> str | None:
+    """Each epoch's end is exported as epoch-N, a run that ends inside an epoch as step-N."""
+    if next_step == len(plans[epoch]):
+        return f"epoch-{epoch + 1}"
+    return f"step-{step}" if step == total_steps else None
+
+
 def tokenizer_config(tokenizer: data.Tokenizer, condition: str, max_len: int) -> dict:
     """For transformers: the template's special tokens that are new rows, and a chat template that renders
     data.py's template at the inference condition (a base pretrained on plain text has none). A SentencePiece
@@ -583,6 +590,10 @@ def train(cfg: TrainConfig):
     step, epoch, next_step = 0, 0, 0
     if cfg.resume:
         step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
+        name = export_name(step, epoch, next_step, plans, total_steps)  # the export its checkpoint came with
+        if name and not (out / "exports" / name / "crlft.json").exists():  # the run stopped while exporting
+            log(f"exports/{name} was not finished: exporting it again from the checkpoint of step {step}")
+            export(model, meta, cfg, out / "exports" / name, step, rank)
         if step >= total_steps:
             exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
             log(f"{out} is complete ({step} of {total_steps} steps): nothing to do")
@@ -635,8 +646,8 @@ def train(cfg: TrainConfig):
         epoch_done = next_step == len(plan)
         if (cfg.save_every and step % cfg.save_every == 0) or epoch_done or step == total_steps:
             save_checkpoint(model, optimizer, out, step, epoch, next_step, cfg, rank)
-        if epoch_done or step == total_steps:
-            last_export = out / "exports" / (f"epoch-{epoch + 1}" if epoch_done else f"step-{step}")
+        if name := export_name(step, epoch, next_step, plans, total_steps):
+            last_export = out / "exports" / name
             export(model, meta, cfg, last_export, step, rank)
     if metrics:
         metrics.close()
@@ -717,7 +728,12 @@ def main(argv):
         if cfg.preset == "demo" and (cfg.data, cfg.base) == (TrainConfig.data, DEMO_BASE):
             ensure_demo_base()
     setup_processes()
-    train(cfg)
+    try:
+        train(cfg)
+    except (ValueError, OSError, FloatingPointError) as e:  # the data, files or flags: a message, no traceback
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     # Only after success (after an error another rank may be inside a collective and destroying would hang,
     # as torchtitan found), and only once every rank is done: gloo aborted now and then when one rank tore
     # its connections down while another still used them (1 run in 12 of a 2-rank test without the barrier).

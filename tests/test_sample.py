@@ -282,3 +282,15 @@ def test_one_prompt_a_file_of_prompts_and_a_chat_from_the_command_line(gen, expo
     [second_reply] = gen.generate([gen.prompt_ids(history)])
     assert run.returncode == 0
     assert f"model> {first_reply}\n" in run.stdout and f"model> {second_reply.text}\n" in run.stdout
+
+
+def test_a_users_mistake_is_one_error_line_in_sample_and_eval(export):
+    cases = [(["sample.py", "--checkpoint=/nonexistent", "--prompt=hi"], "error: /nonexistent has no crlft.json"),
+             (["eval.py", "demo", "--checkpoint=/nonexistent"], "error: /nonexistent has no crlft.json"),
+             (["sample.py", f"--checkpoint={export}", "--prompt=hi", "--condition=GPT5"],
+              "error: unknown condition 'GPT5': the model was trained with")]
+    for (script, *argv), message in cases:
+        result = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(message)

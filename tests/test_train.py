@@ -158,6 +158,13 @@ def test_a_run_directory_holds_one_run(dataset, tmp_path):
     done = run(small_run(dataset, tmp_path / "run", "--max-steps=5", "--resume"))
     assert "is complete (5 of 5 steps): nothing to do" in done.stdout
 
+    finished = exported(tmp_path / "run")  # as if killed while exporting: the export not swapped in
+    os.rename(tmp_path / "run" / "exports" / "step-5", tmp_path / "run" / "exports" / ".tmp-step-5")
+    redone = run(small_run(dataset, tmp_path / "run", "--max-steps=5", "--resume"))
+    assert "exports/step-5 was not finished: exporting it again" in redone.stdout
+    assert not (tmp_path / "run" / "exports" / ".tmp-step-5").exists()
+    assert all(torch.equal(finished[n], t) for n, t in exported(tmp_path / "run").items())
+
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000005")  # as if killed after logging step 5
     run(small_run(dataset, tmp_path / "run", "--max-steps=6", "--resume"))
     assert [row["step"] for row in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
@@ -175,6 +182,16 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(dataset
         (r["step"], r["loss"]) for r in metrics(tmp_path / "whole")]  # steps 3-4 again, exactly as before
     whole, resumed_export = exported(tmp_path / "whole"), exported(tmp_path / "run")
     assert all(torch.equal(whole[n], resumed_export[n]) for n in whole)
+
+
+def test_a_users_mistake_is_one_error_line_without_a_traceback(tmp_path):
+    """Plain python: the error line alone. torchrun: the error line once (rank 0's) and no rank's traceback;
+    torchrun itself then reports the failed ranks (its own traceback, from the launcher)."""
+    for world in (1, 2):
+        result = run(small_run(tmp_path / "missing", tmp_path / f"run-{world}"), world=world, check=False)
+        assert result.returncode != 0 and result.stderr.count(f"error: {tmp_path / 'missing'}") == 1
+        assert "[rank0]:" not in result.stderr and "[rank1]:" not in result.stderr
+        assert world == 2 or "Traceback" not in result.stderr
 
 
 def test_keep_last_keeps_only_the_newest_checkpoints(dataset, tmp_path):
