@@ -28,11 +28,14 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written (its examples one per line), each option with its default."""
+
+
 def parse(cls, argv, description: str = "", defaults=None):
     """An instance of the dataclass cls from argv (flags --key=value, --key value, or --flag for a bool);
     unset flags take their values from `defaults` (an instance of cls) or else the field defaults."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]

@@ -190,8 +190,9 @@ def base_document(rng: random.Random, cfg: DemoConfig) -> str:
 def make_demo(cfg: DemoConfig) -> Path:
     """Writes under cfg.out: expert.json, suboptimal.jsonl, sources.json, holdout.jsonl, validation.jsonl,
     base_corpus.jsonl, tokenizer.model (trained on the base corpus and the conversations), the prepared
-    conversations dataset/ and the prepared base corpus base-corpus/, and demo.json (this config). All in a
-    temporary directory renamed at the end."""
+    conversations dataset/ and the prepared base corpus base-corpus/, and demo.json (this config). The files
+    are written in a temporary directory that then replaces cfg.out, the datasets are prepared from their
+    final place (so that meta.json names it), and demo.json, written last, marks the whole as complete."""
     out = Path(cfg.out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,13 +209,13 @@ def make_demo(cfg: DemoConfig) -> Path:
     data.train_tokenizer(data.TokenizerConfig(
         corpus=[str(tmp / "expert.json"), str(tmp / "suboptimal.jsonl")], text=[str(tmp / "base_corpus.jsonl")],
         vocab_size=cfg.vocab_size, split_digits=False, conditions=["GPT4", "GPT3"], out=str(tmp / "tokenizer.model")))
-    data.prepare(data.PrepareConfig(sources=str(tmp / "sources.json"), tokenizer=str(tmp / "tokenizer.model"),
-                                    template="openchat_v3.2", out=str(tmp / "dataset"), max_len=cfg.max_len,
-                                    holdout=0.02, seed=cfg.seed))
-    data.prepare_text(tmp / "base_corpus.jsonl", tmp / "tokenizer.model", tmp / "base-corpus", cfg.max_len,
-                      holdout=0.02, seed=cfg.seed)
-    (tmp / "demo.json").write_text(json.dumps(made_with(cfg), indent=1))
     data.replace_directory(tmp, out)
+    data.prepare(data.PrepareConfig(sources=str(out / "sources.json"), tokenizer=str(out / "tokenizer.model"),
+                                    template="openchat_v3.2", out=str(out / "dataset"), max_len=cfg.max_len,
+                                    holdout=0.02, seed=cfg.seed))
+    data.prepare_text(out / "base_corpus.jsonl", out / "tokenizer.model", out / "base-corpus", cfg.max_len,
+                      holdout=0.02, seed=cfg.seed)
+    data.write_atomically(out / "demo.json", json.dumps(made_with(cfg), indent=1).encode())
     n_expert = round(cfg.expert_fraction * cfg.conversations)
     print(f"demo data in {out}: {n_expert:,} expert (GPT4) and {cfg.conversations - n_expert:,} sub-optimal "
           f"(GPT3) conversations, {len(validation)} validation and {len(held_out)} held-out prompts, "
