@@ -429,7 +429,7 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_ste
     except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk: the earlier ones are untouched
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are intact") from e
+        raise OSError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are intact") from e
     dist.barrier()
     if rank == 0:
         os.rename(tmp, target)
@@ -474,7 +474,7 @@ def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int,
             continue
         log(f"resumed from {path}: step {step}, epoch {epoch + 1}")
         return step, epoch, next_step
-    raise RuntimeError(f"--resume: none of the {len(checkpoints)} checkpoints in {out / 'checkpoints'} loads")
+    raise ValueError(f"--resume: none of the {len(checkpoints)} checkpoints in {out / 'checkpoints'} loads")
 
 
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):

@@ -14,7 +14,7 @@ import data
 from conftest import ROOT
 from demo import DemoConfig, make_demo
 from model import Transformer
-from sample import Generator, make_server, sample
+from sample import Generator, SampleConfig, fit_history, make_server, sample
 
 PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these numbers in ascending order: 5 1 77 40",
            "Sort in increasing order: 3 2 1 60 8", "Please order from lowest to highest: 41 7"]
@@ -282,6 +282,21 @@ def test_one_prompt_a_file_of_prompts_and_a_chat_from_the_command_line(gen, expo
     [second_reply] = gen.generate([gen.prompt_ids(history)])
     assert run.returncode == 0
     assert f"model> {first_reply}\n" in run.stdout and f"model> {second_reply.text}\n" in run.stdout
+
+
+def test_a_chat_that_outgrows_the_context_forgets_its_oldest_exchanges_and_says_so(gen, capsys):
+    context = gen.model.config.max_seq_len
+    cfg = SampleConfig(max_new_tokens=16)
+    long_question = " ".join(PROMPTS * 3)
+    history = []
+    for turn in range(40):  # far more than the context holds
+        history.append(data.Message("user", long_question))
+        history, prompt = fit_history(gen, history, "GPT4", cfg)
+        assert len(prompt) + 16 <= context and history[-1].text == long_question and history[0].role == "user"
+        history.append(data.Message("assistant", "1 2 3"))
+    assert "oldest exchange" in capsys.readouterr().out and len(history) < 80
+    history, prompt = fit_history(gen, [data.Message("user", "9 " * context)], "GPT4", cfg)
+    assert prompt is None and history == []  # a message longer than the context alone is not sent
 
 
 def test_a_users_mistake_is_one_error_line_in_sample_and_eval(export):
