@@ -106,8 +106,8 @@ def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device,
 
 def bench_loss(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # On a GPU, the sizes of ../PERF targets; on a CPU, smaller ones, and float32 (CPUs without native
-    # bf16 matmuls run bf16 through a slow fallback that would measure nothing useful).
+    # On a GPU, the sizes of the README's loss target (Benchmarks); on a CPU, smaller ones, and float32
+    # (CPUs without native bf16 matmuls run bf16 through a slow fallback that would measure nothing useful).
     tokens = args.tokens or (16384 if device == "cuda" else 2048)
     hidden = args.hidden or (4096 if device == "cuda" else 1024)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -239,7 +239,7 @@ def bench_decode(args):
 # ---------------------------------------------------------------------------------------------------------
 # train
 
-# The shapes measured: (model preset, overrides, dataset); on a GPU the real ones of PERF targets.
+# The shapes measured: (model preset, overrides, dataset); on a GPU the README's (Benchmarks).
 TRAIN_SHAPES = {
     "cpu": [("demo", {}, "demo"),
             ("demo", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688), "sharegpt")],  # ~25M

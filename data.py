@@ -6,15 +6,15 @@
   python data.py demo         # the synthetic mixed-quality demo, through the same pipeline
 
 Read top to bottom:
-  1. The template (SPEC §3): which tokens a conversation becomes and which of them carry weight; the
+  1. The template (METHOD.md §3): which tokens a conversation becomes and which of them carry weight; the
      tokenizers it runs on (a SentencePiece .model, or a tokenizer.json through the `tokenizers` library).
   2. Sources and their files: ShareGPT and OpenChat JSONL records, checked, bad input named by file and line.
   3. prepare: every conversation tokenised, weighted, shifted, and written as memory-mapped arrays.
-  4. Multipack (SPEC §5): conversations into equal numbers of packed streams per rank, at train time.
+  4. Multipack (METHOD.md §5): conversations into equal numbers of packed streams per rank, at train time.
   5. Training a SentencePiece tokenizer (the demo's task and data are in demo.py).
 Each source is a condition string and a class weight: the condition goes into every role prefix (the
 policy is conditioned on the data's source, πθ(y | x, c)) and the weight scales the loss of its
-assistant tokens (the reward-weighted likelihood of SPEC §1).
+assistant tokens (the reward-weighted likelihood of METHOD.md §1).
 """
 
 import hashlib
@@ -37,7 +37,7 @@ import sentencepiece as spm
 from cli import arg, parse
 
 # ---------------------------------------------------------------------------------------------------------
-# 1. The conversation template (SPEC §3)
+# 1. The conversation template (METHOD.md §3)
 
 EOT = "<|end_of_turn|>"
 
@@ -199,7 +199,7 @@ def message_weight(message: Message, class_weight: float) -> float:
 def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], condition: str, system: str | None = None,
                           class_weight: float = 1.0, inference: bool = False, per_message_norm: bool = False,
                           encoded: list[list[int]] | None = None) -> tuple[list[int], list[float]]:
-    """One conversation → (token ids, per-token weights), weights before the shift (SPEC §3).
+    """One conversation → (token ids, per-token weights), weights before the shift (METHOD.md §3).
 
     BOS and the system prompt and every role prefix weigh 0; a message's text and its EOT weigh the
     message's own weight if it has one, else the class weight for an answer and 0 for a user turn. With
@@ -229,7 +229,7 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Sources, files and records (SPEC §4)
+# 2. Sources, files and records (METHOD.md §4)
 
 
 class BadInput(ValueError):
@@ -507,7 +507,7 @@ class PrepareConfig:
     threads: int = arg(os.cpu_count() or 1, "tokenizer threads")
 
 
-# Refusal boilerplate that the reference data cleaning removed from answers (SPEC §3).
+# Refusal boilerplate that the reference data cleaning removed from answers (METHOD.md §3).
 REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|i'm sorry, but as an ai|"
                      r"i am sorry, but as an ai|i cannot fulfill|i'm unable to assist", re.IGNORECASE)
 ARRAYS = ("tokens", "weights", "offsets", "lengths", "classes")
@@ -573,7 +573,7 @@ def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: 
 
 
 def expert_condition(sources: list[Source], template: Template) -> str:
-    """The condition to prompt with at inference: the expert's, i.e. the highest-weight source's (SPEC §1);
+    """The condition to prompt with at inference: the expert's, i.e. the highest-weight source's (METHOD.md §1);
     on a tie the template's own when it is one of them (e.g. "GPT4"), else the first listed."""
     top = max(s.weight for s in sources)
     tied = [s.condition for s in sources if s.weight == top]
@@ -787,7 +787,7 @@ def load_split(path, split: str = "train") -> Split:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. Multipack (SPEC §5): conversations → per-rank packed streams
+# 4. Multipack (METHOD.md §5): conversations → per-rank packed streams
 
 
 def fits(lengths, capacity: int, n_bins: int) -> bool:

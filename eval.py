@@ -60,7 +60,7 @@ def in_batches(items, size: int, what: str, progress=True):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# loss: the held-out weighted loss (SPEC §2's L, without training)
+# loss: the held-out weighted loss (METHOD.md §2's L, without training)
 
 
 @torch.no_grad()

@@ -420,7 +420,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def extend_vocab(self, vocab_size: int):
-        """Appends rows for new special tokens (SPEC §3: <|end_of_turn|>, pads) to the input embedding and
+        """Appends rows for new special tokens (METHOD.md §3: <|end_of_turn|>, pads) to the input embedding and
         the output head; each new row starts as the mean of the existing rows of its matrix."""
         old = self.config.vocab_size
         if vocab_size < old:
@@ -443,7 +443,7 @@ def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4. The fused weighted loss (SPEC §2: the numerator Σ_t w_t·CE_t; train.py divides by the global Σ w)
+# 4. The fused weighted loss (METHOD.md §2: the numerator Σ_t w_t·CE_t; train.py divides by the global Σ w)
 
 # Supervised tokens per chunk: the trade-off between memory and speed. A chunk of C tokens holds its
 # logits in float32, turned in place into the gradient of the logits, and, for bf16 inputs, a bf16 copy

@@ -1,6 +1,6 @@
 """Talk to a trained model: a chat in the terminal, one answer, a file of prompts, or an OpenAI-compatible
 HTTP endpoint. Prompts are built by data.py's tokenize_conversation in inference mode, the very template
-of training, at the checkpoint's inference condition (the expert's, SPEC §1) unless told otherwise.
+of training, at the checkpoint's inference condition (the expert's, METHOD.md §1) unless told otherwise.
 
   python sample.py --checkpoint runs/demo/exports/epoch-5                          # chat
   python sample.py --checkpoint DIR --prompt "Sort these numbers from smallest to largest: 12 9 3"

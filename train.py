@@ -1,12 +1,12 @@
 """C-RLFT training: packed conversations and the fused weighted loss, normalised over the whole optimizer
-step (SPEC §2), under FSDP2. One code path for one process and for torchrun.
+step (METHOD.md §2), under FSDP2. One code path for one process and for torchrun.
 
   python train.py                       # the demo on CPU: data/demo and the demo's base if missing, then C-RLFT
   torchrun --nproc_per_node=8 train.py --preset=openchat-13b --base=Llama-2-13b-hf --data=data/mine
   python train.py --help                # every option, with its default (a preset's values when given)
 
 Read top to bottom:
-  1. TrainConfig and the recipes (SPEC §6).
+  1. TrainConfig and the recipes (METHOD.md §6).
   2. Processes and the parallelism: checkpointing, compile, fully_shard per block, then the root.
   3. The model: from scratch, or from a Hugging Face base read a slice per rank, new token rows added.
   4. The data: multipack plans, and the global weight sum of every optimizer step.
@@ -59,7 +59,7 @@ class TrainConfig:
     max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
     batch_max_len: int = arg(4096, "tokens in one packed stream: one rank's micro-batch")
     grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
-    lr: float = arg(1.5e-3, "peak learning rate; 0: SPEC §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
+    lr: float = arg(1.5e-3, "peak learning rate; 0: METHOD.md §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
                          "supervised tokens per optimizer step")
     lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 Mistral, 1/5.3 Llama-3)")
     warmup: float = arg(0.05, "fraction of the steps with a linear warm-up")
@@ -92,7 +92,7 @@ PRESETS = {
     # The demo's base model: this same code as a plain language model (every token weight 1, no template)
     # for one pass over the demo's base corpus (demo.py). `python train.py` makes it when it is missing.
     "demo-base": dict(data="data/demo/base-corpus", out="runs/demo-base", epochs=1, lr=3e-3, log_every=50),
-    # The paper's model (SPEC §6): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5 epochs,
+    # The paper's model (METHOD.md §6): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5 epochs,
     # AdamW (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0, 5% warm-up and cosine to 10%, automatic lr.
     "openchat-13b": dict(data="", model="Llama-2-13B", out="runs/openchat-13b", epochs=5, batch_max_len=32768,
                          lr=0.0, activation_checkpointing=True, log_every=1),
@@ -177,7 +177,7 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global weight
-    # sum, so the ranks' gradients must be summed to give ∇L (SPEC §2). A plain SUM (gloo has no PreMulSum).
+    # sum, so the ranks' gradients must be summed to give ∇L (METHOD.md §2). A plain SUM (gloo has no PreMulSum).
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -192,7 +192,7 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Tr
     """From scratch: initialised whole on every rank with the same seed (small models: the demo), then
     sharded. From a base: built on the meta device, sharded, and each rank reads its own rows of every
     tensor (a 13B base is read once per node, not once per rank); the template's new tokens get rows
-    that start as the mean of the base's rows (SPEC §3)."""
+    that start as the mean of the base's rows (METHOD.md §3)."""
     vocab = dict(vocab_size=meta["tokenizer"]["vocab_size"],
                  vocab_multiple=cfg.vocab_multiple or (64 if device.type == "cuda" else 1))
     if not cfg.base:
@@ -318,12 +318,12 @@ def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
 
 
 def auto_lr(supervised_tokens_per_step: float, scale: float = 1.0) -> float:
-    """SPEC §6: 3e-4 · sqrt(S / 4e6), S the supervised tokens of one optimizer step (the paper: ~200k → 6.7e-5)."""
+    """METHOD.md §6: 3e-4 · sqrt(S / 4e6), S the supervised tokens of one optimizer step (the paper: ~200k → 6.7e-5)."""
     return 3e-4 * math.sqrt(supervised_tokens_per_step / 4e6) * scale
 
 
 def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak (SPEC §6)."""
+    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak (METHOD.md §6)."""
     warmup = max(1, round(cfg.warmup * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -337,7 +337,7 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) ->
 
 def forward_backward(model, batches: list[Batch], weight_sum: float,
                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of one optimizer step. SPEC §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
+    """This rank's share of one optimizer step. METHOD.md §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
     rank and micro-batch of the step. weight_sum is that global Σ w, known from the plan on every rank, so
     each micro-batch back-propagates its Σ w·CE / weight_sum with no collective and no host sync; the
     gradients add up over micro-batches, and over ranks in FSDP's reduce-scatter (divide factor 1).
@@ -554,7 +554,7 @@ def jinja(text: str) -> str:
 
 
 def matmul_peak_flops(device) -> float:
-    """Measured bf16 matmul FLOP/s (PERF.md's MFU denominator); CPU runs report no MFU."""
+    """Measured bf16 matmul FLOP/s, the denominator of MFU (README, Benchmarks); CPU runs report no MFU."""
     if device.type != "cuda":
         return 0.0
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -569,8 +569,8 @@ def matmul_peak_flops(device) -> float:
 
 
 def step_flops(config: ModelConfig, lengths) -> float:
-    """PERF.md's model FLOPs: 6·N_matmul per token, plus causal attention's 6·L·d·T per token of a
-    T-token conversation, forward and backward."""
+    """Model FLOPs, as MFU counts them (README, Benchmarks): 6·N_matmul per token, plus causal attention's
+    6·L·d·T per token of a T-token conversation, forward and backward."""
     c = config
     n_matmul = c.n_layers * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim) \
         + c.dim * c.vocab_size

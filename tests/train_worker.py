@@ -1,6 +1,6 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
-  train_worker.py step DATA      the gradient of one optimizer step equals ∇L of SPEC §2, in float64
+  train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §2, in float64
   train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
                                              vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
@@ -47,7 +47,7 @@ def step_identity(data_dir):
     n_classes = len(meta["sources"])
     train.forward_backward(model, [train.make_batch(split, b, CPU) for b in mine], sum(map(weight, bins)), n_classes)
 
-    # SPEC §2 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
+    # METHOD.md §2 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
     torch.manual_seed(cfg.seed)
     reference = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"])).double()
     numerator, denominator = 0, 0
