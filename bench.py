@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import data
 from assets import fetch_sharegpt
-from model import CHUNK_TOKENS, ModelConfig, Transformer, fused_weighted_cross_entropy
+from model import CHUNK_TOKENS, ModelConfig, Transformer, fused_weighted_cross_entropy, weighted_cross_entropy
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
@@ -44,8 +43,7 @@ def device_name(device: str) -> str:
 
 
 def naive_loss(hidden, weight, targets, weights):
-    logits = (hidden @ weight.T).float()  # [N, V]: what the fused loss never materialises
-    return (weights * F.cross_entropy(logits, targets, reduction="none")).sum()
+    return weighted_cross_entropy((hidden @ weight.T).float(), targets, weights)  # [N, V] logits held
 
 
 def fused_loss(hidden, weight, targets, weights):
@@ -275,7 +273,8 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
     plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
     if len(plan) < steps + 2:
         raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
-    weight_sum = lambda b: float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in b))  # noqa: E731
+    weight_of = train.conversation_weights(split)
+    weight_sum = lambda b: train.step_weight_sum(weight_of, [b])  # noqa: E731
     if impl == "train":
         train.setup_processes()
         model = Transformer(config)
@@ -319,8 +318,7 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
                                attention_mask=mask[None, None]).logits[0].float()
-            ce = F.cross_entropy(logits, batch.targets, reduction="none")
-            ((batch.weights * ce).sum() / weight_sum(b)).backward()
+            (weighted_cross_entropy(logits, batch.targets, batch.weights) / weight_sum(b)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -228,6 +228,13 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
     return ids, weights
 
 
+def shift_to_predictions(weights: list[float]) -> np.ndarray:
+    """METHOD.md §3's shift, done here and only here: position t predicts token t+1, so it carries token
+    t+1's weight, and the last position, which predicts nothing, weighs 0. Datasets store these weights, one
+    per position; pack_stream pairs each position with its target, the next token of its conversation."""
+    return np.array(weights[1:] + [0.0], dtype=np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 2. Sources, files and records (METHOD.md §4)
 
@@ -562,12 +569,11 @@ def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: 
                     continue
                 ids, weights = ids[:cfg.max_len], weights[:cfg.max_len]
                 counts["truncated"] += 1
-            # The shift: position t predicts token t+1 and carries that token's weight.
-            targets = np.array(weights[1:] + [0.0], dtype=np.float32)
-            if not targets.any():
+            target_weights = shift_to_predictions(weights)
+            if not target_weights.any():
                 counts["no_supervised_token"] += 1
                 continue
-            rows.append((np.array(ids, dtype=np.int32), targets, c.source))
+            rows.append((np.array(ids, dtype=np.int32), target_weights, c.source))
         progress.update(len(batch), n_tokens, final=start + 2000 >= len(conversations))
     return rows
 
@@ -665,8 +671,8 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
         ids = [tokenizer.bos_id] + pieces + [tokenizer.eos_id]  # a SentencePiece model has both
         if len(ids) > max_len:
             raise BadInput("too_long", where, f"{len(ids)} tokens, longer than max_len={max_len}")
-        # Shifted as a conversation's weights: position t predicts token t+1, every one of them learned.
-        rows.append((np.array(ids, dtype=np.int32), np.array([1.0] * (len(ids) - 1) + [0.0], dtype=np.float32), 0))
+        # Every token after BOS is learned: weight 1, BOS's 0 (nothing predicts it).
+        rows.append((np.array(ids, dtype=np.int32), shift_to_predictions([0.0] + [1.0] * (len(ids) - 1)), 0))
     how = {"template": "text", "inference_condition": "", "conditions": [""],
            "sources": [{"condition": "", "weight": 1.0, "files": [str(corpus)]}], "max_len": max_len,
            "options": {"holdout": holdout, "seed": seed}, "read": {"records": len(records)},
@@ -852,7 +858,8 @@ def packing_efficiency(lengths, steps, batch_max_len: int) -> float:
 def pack_stream(split: Split, conversations: list[int]) -> dict:
     """One rank's stream for one step: the conversations concatenated with no padding, positions
     restarting at 0 in each, cu_seqlens at the boundaries, targets = the next token of the same
-    conversation (the last token of each predicts nothing and weighs 0)."""
+    conversation, which the stored weights already belong to (shift_to_predictions); the last token of each
+    predicts nothing and weighs 0."""
     starts, lengths = split.offsets[conversations], split.lengths[conversations]
     index = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths)])
     tokens = np.asarray(split.tokens[index], dtype=np.int64)

@@ -335,6 +335,17 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) ->
 # 5. The step
 
 
+def conversation_weights(split: data.Split) -> np.ndarray:
+    """Σ w of each conversation of the split, in float64, computed once per run."""
+    return np.add.reduceat(np.asarray(split.weights, dtype=np.float64), split.offsets)
+
+
+def step_weight_sum(conversation_weight: np.ndarray, bins: list[list[int]]) -> float:
+    """The denominator of METHOD.md §2: Σ w over every conversation of one optimizer step, the bins of every
+    rank and micro-batch. Every rank has the whole plan, so every rank knows it without a collective."""
+    return float(sum(conversation_weight[b].sum() for b in bins))
+
+
 def forward_backward(model, batches: list[Batch], weight_sum: float,
                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of one optimizer step. METHOD.md §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
@@ -600,7 +611,7 @@ def train(cfg: TrainConfig):
 
     # The whole run's plan, the same on every rank: each step's conversations and global weight sum.
     plans = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
-    weight_of = np.add.reduceat(np.asarray(split.weights, dtype=np.float64), split.offsets)
+    weight_of = conversation_weights(split)
     supervised_of = np.add.reduceat(np.asarray(split.weights) != 0, split.offsets)
     total_steps = sum(len(p) for p in plans)
     if cfg.max_steps:
@@ -650,7 +661,7 @@ def train(cfg: TrainConfig):
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
-        weight_sum = float(sum(weight_of[b].sum() for b in bins))
+        weight_sum = step_weight_sum(weight_of, bins)
         stats, losses, grad_norm = optimizer_step(model, optimizer, [make_batch(split, b, device) for b in mine],
                                                   weight_sum, len(classes), cfg.grad_clip)
         if not torch.isfinite(grad_norm):

@@ -7,13 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import eval as evaluation
 from conftest import MISTRAL_TOKENIZER
 from demo import DemoConfig, make_demo
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, weighted_cross_entropy
 from sample import Generator
 
 
@@ -132,8 +131,8 @@ def test_the_held_out_loss_is_the_weighted_mean_of_the_cross_entropies(demo_dir,
         for o, n, c in zip(split.offsets, split.lengths, split.classes):
             ids = torch.tensor(split.tokens[o:o + n], dtype=torch.long)
             w = torch.tensor(split.weights[o:o + n], dtype=torch.float64)
-            ce = F.cross_entropy(model(ids[None])[0].double(), torch.roll(ids, -1), reduction="none")
-            sums[c] += [(w * ce).sum().item(), w.sum().item()]
+            numerator = weighted_cross_entropy(model(ids[None])[0].double(), torch.roll(ids, -1), w)
+            sums[c] += [numerator.item(), w.sum().item()]
     assert result["conversations"] == len(split.lengths)
     assert result["per_class"]["GPT4"]["loss"] == pytest.approx(sums[0, 0] / sums[0, 1], rel=1e-5)
     assert result["per_class"]["GPT3"]["loss"] == pytest.approx(sums[1, 0] / sums[1, 1], rel=1e-5)

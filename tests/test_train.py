@@ -55,7 +55,7 @@ def exported(out):
 def test_two_micro_batches_of_k_tokens_equal_one_batch_of_2k(dataset):
     meta, split = train.load_data(dataset)
     first, second = [0, 1, 2, 3], [4, 5, 6]
-    weight_sum = float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in first + second))
+    weight_sum = train.step_weight_sum(train.conversation_weights(split), [first, second])
     grads = []
     for batches in ([first, second], [first + second]):
         torch.manual_seed(0)

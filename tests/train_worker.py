@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import train  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, weighted_cross_entropy  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -33,10 +32,11 @@ def step_identity(data_dir):
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512, grad_accum=2)
     meta, split = train.load_data(data_dir)
-    weight = lambda b: float(sum(split.weights[split.offsets[i]:][:split.lengths[i]].sum() for i in b))  # noqa: E731
+    weight_of = train.conversation_weights(split)
 
     def rank_sums(bins):
-        return [sum(map(weight, bins[r * cfg.grad_accum:(r + 1) * cfg.grad_accum])) for r in range(world)]
+        return [train.step_weight_sum(weight_of, bins[r * cfg.grad_accum:(r + 1) * cfg.grad_accum])
+                for r in range(world)]
 
     # Of the first epoch's optimizer steps (world × 2 streams each), the one whose ranks differ most in Σ w.
     bins = max(train.plan_epoch(split, cfg, world, epoch=0), key=lambda s: max(rank_sums(s)) / min(rank_sums(s)))
@@ -45,7 +45,8 @@ def step_identity(data_dir):
 
     model = train.build_model(cfg, meta, init_device_mesh("cpu", (world,)), CPU, torch.float32)
     n_classes = len(meta["sources"])
-    train.forward_backward(model, [train.make_batch(split, b, CPU) for b in mine], sum(map(weight, bins)), n_classes)
+    batches = [train.make_batch(split, b, CPU) for b in mine]
+    train.forward_backward(model, batches, train.step_weight_sum(weight_of, bins), n_classes)
 
     # METHOD.md §2 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
     torch.manual_seed(cfg.seed)
@@ -55,7 +56,7 @@ def step_identity(data_dir):
         batch = train.make_batch(split, b, CPU)
         logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
         w = batch.weights.double()
-        numerator = numerator + (w * F.cross_entropy(logits, batch.targets, reduction="none")).sum()
+        numerator = numerator + weighted_cross_entropy(logits, batch.targets, w)
         denominator += w.sum().item()
     (numerator / denominator).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -103,7 +104,7 @@ def tied_base(data_dir, base_dir):
     weight_sum = batch.weights.sum().item()
     train.forward_backward(model, [batch], world * weight_sum, len(meta["sources"]))
     logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
-    ((batch.weights.double() * F.cross_entropy(logits, batch.targets, reduction="none")).sum() / weight_sum).backward()
+    (weighted_cross_entropy(logits, batch.targets, batch.weights.double()) / weight_sum).backward()
     err = relative_error(model.embed_tokens.weight.grad.full_tensor(), reference.embed_tokens.weight.grad)
     assert err < 1e-5, f"the tied gradient is off by {err:.2e}"
     print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
