@@ -3,7 +3,7 @@
   python data.py prepare --source="GPT4:1.0:gpt4.json" --source="GPT3:0.1:gpt35.jsonl" \
                          --tokenizer=tokenizer.model --out=data/mine
   python data.py tokenizer --corpus=conversations.json --vocab-size=4096 --out=tokenizer.model
-  python data.py demo         # the synthetic mixed-quality demo, through the same pipeline
+  python data.py show --data=data/demo/dataset --index=3   # what C-RLFT learns from one conversation
 
 Read top to bottom:
   1. The template (METHOD.md §3): which tokens a conversation becomes and which of them carry weight; the
@@ -11,7 +11,8 @@ Read top to bottom:
   2. Sources and their files: ShareGPT and OpenChat JSONL records, checked, bad input named by file and line.
   3. prepare: every conversation tokenised, weighted, shifted, and written as memory-mapped arrays.
   4. Multipack (METHOD.md §5): conversations into equal numbers of packed streams per rank, at train time.
-  5. Training a SentencePiece tokenizer (the demo's task and data are in demo.py).
+  5. Training a SentencePiece tokenizer (the demo's task and data are in demo.py: `python demo.py`).
+  6. show: a prepared conversation with the weight of every token the model learns.
 Each source is a condition string and a class weight: the condition goes into every role prefix (the
 policy is conditioned on the data's source, πθ(y | x, c)) and the weight scales the loss of its
 assistant tokens (the reward-weighted likelihood of METHOD.md §1).
@@ -921,12 +922,46 @@ def write_atomically(path: Path, content: bytes):
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 6. show: what the model learns from one conversation
+
+
+@dataclass
+class ShowConfig:
+    data: str = arg("", "a dataset directory made by `python data.py prepare`")
+    split: str = arg("train", "train or holdout")
+    index: int = arg(0, "which conversation of the split")
+
+
+def show_weights(cfg: ShowConfig) -> str:
+    """A prepared conversation as C-RLFT sees it: the text the model only reads printed plain, each run of
+    tokens it learns to predict in brackets with its weight, [0.1| like this]. Returns the text shown."""
+    meta, split = load_meta(cfg.data), load_split(cfg.data, cfg.split)
+    if not 0 <= cfg.index < len(split.lengths):
+        raise ValueError(f"--index={cfg.index}: the {cfg.split} split has {len(split.lengths)} conversations")
+    tokenizer = Tokenizer(Path(cfg.data) / meta["tokenizer"]["file"], meta["template"])
+    start, n = split.offsets[cfg.index], split.lengths[cfg.index]
+    ids, weights = split.tokens[start:start + n].tolist(), split.weights[start:start + n].tolist()
+    # Decoding ever longer prefixes gives each token's text with the spaces a tokenizer puts between pieces.
+    prefixes = [tokenizer.decode(ids[:k]) for k in range(n + 1)]
+    texts = [prefixes[k + 1][len(prefixes[k]):] for k in range(n)]
+    shown = texts[0]  # the first token: read, never predicted
+    for t in range(n - 1):  # position t predicts token t + 1 with weight weights[t]
+        opens = weights[t] and (t == 0 or weights[t - 1] != weights[t])
+        closes = weights[t] and (t == n - 2 or weights[t + 1] != weights[t])
+        shown += (f"[{weights[t]:g}|" if opens else "") + texts[t + 1] + ("]" if closes else "")
+    condition = meta["sources"][split.classes[cfg.index]]["condition"]
+    print(f"{cfg.data}, {cfg.split} conversation {cfg.index} of {len(split.lengths)}: class "
+          f"{split.classes[cfg.index]} ({condition!r}), {n} tokens, {sum(w > 0 for w in weights)} learned; "
+          f"[w| text] is learned with weight w, the rest only read\n\n{shown}")
+    return shown
+
+
 def main(argv):
-    from demo import DemoConfig, make_demo  # the demo task lives beside this file and runs its pipeline
     commands = {
         "prepare": (PrepareConfig, prepare, "tokenize sources into a dataset directory"),
         "tokenizer": (TokenizerConfig, train_tokenizer, "train a SentencePiece tokenizer on conversation files"),
-        "demo": (DemoConfig, make_demo, "make the synthetic mixed-quality demo data and prepare it"),
+        "show": (ShowConfig, show_weights, "print a prepared conversation with the weight of each learned token"),
     }
     if not argv or argv[0] not in commands:
         print(__doc__ + "\ncommands: " + ", ".join(f"{name} ({doc})" for name, (_, _, doc) in commands.items())

@@ -1,5 +1,5 @@
 """The demo: a task whose answers can be checked, two sources of answers of mixed quality, and a corpus to
-pretrain the demo's base model on. `python data.py demo` writes them and runs them through data.py's pipeline.
+pretrain the demo's base model on. `python demo.py` writes them and runs them through data.py's pipeline.
 
 The task is sorting a list of numbers: "Sort these numbers from smallest to largest: 12 9 3" is answered
 "3 9 12" by the expert source and "12 3 9" by the sub-optimal one, which sorts the numbers as text. That
@@ -20,11 +20,12 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import data
-from cli import arg
+from cli import arg, parse
 
 
 @dataclass
@@ -239,3 +240,16 @@ def is_current(cfg: DemoConfig) -> bool:
     """Whether cfg.out holds demo data made by this code with exactly this configuration."""
     made = Path(cfg.out) / "demo.json"
     return made.exists() and json.loads(made.read_text()) == made_with(cfg)
+
+
+def main(argv):
+    try:
+        make_demo(parse(DemoConfig, argv, __doc__))
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -13,9 +13,9 @@ import pytest
 import sentencepiece as spm
 
 from conftest import MISTRAL_TOKENIZER, ROOT
-from data import (TEMPLATES, BadInput, Message, PrepareConfig, Source, TokenizerConfig, Tokenizer,
+from data import (TEMPLATES, BadInput, Message, PrepareConfig, ShowConfig, Source, TokenizerConfig, Tokenizer,
                   expert_condition, load_meta, load_split, multipack, pack_stream, packing_efficiency, parse_record,
-                  prepare, prepare_text, read_records, tokenize_conversation, train_tokenizer)
+                  prepare, prepare_text, read_records, show_weights, tokenize_conversation, train_tokenizer)
 from demo import DemoConfig, config_of, draw_prompts, make_demo, write_conversations
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
@@ -341,6 +341,20 @@ def test_an_unwritable_output_or_a_full_disk_is_an_error_and_leaves_nothing_behi
     assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in run.stderr
     assert "File too large" in run.stderr
     assert not list(tmp_path.glob("dataset*"))
+
+
+def test_show_weights_brackets_exactly_the_answers_with_their_class_weight(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl(path, [sharegpt(("human", "Sort 3 1 2"), ("gpt", "1 2 3"), ("human", "And 9 7?"), ("gpt", "7 9"),
+                                system="Be brief.")])
+    prepare_files(tmp_path, [f"GPT3:0.1:{path}"])
+    shown = show_weights(ShowConfig(data=str(tmp_path / "dataset")))
+    assert re.findall(r"\[([^|]*)\|([^\]]*)\]", shown) == [("0.1", " 1 2 3<|end_of_turn|>"),
+                                                            ("0.1", " 7 9<|end_of_turn|>")]
+    split = load_split(tmp_path / "dataset")
+    tokenizer = Tokenizer(tmp_path / "dataset" / "tokenizer.model", "openchat_v3.2")
+    assert re.sub(r"\[[^|]*\|([^\]]*)\]", r"\1", shown) == tokenizer.decode(split.tokens.tolist())
+    assert shown.startswith("Be brief.<|end_of_turn|>GPT3 User: Sort 3 1 2<|end_of_turn|>GPT3 Assistant:[0.1|")
 
 
 def test_the_command_line_reports_bad_input_and_fails(tmp_path):
