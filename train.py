@@ -595,6 +595,29 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+@dataclass
+class RunPlan:
+    """The whole run's plan, the same on every rank: each epoch's steps (their bins of conversations), and
+    the per-conversation sums the steps' weight sums and statistics are read from."""
+    epochs: list  # per epoch, per step, per rank and micro-batch: conversation indices
+    total_steps: int
+    conversation_weight: np.ndarray  # Σ w of each conversation
+    conversation_supervised: np.ndarray  # tokens with w ≠ 0 in each conversation
+    supervised_per_step: float
+
+
+def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
+    epochs = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
+    supervised = np.add.reduceat(np.asarray(split.weights) != 0, split.offsets)
+    total_steps = sum(len(p) for p in epochs)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    if not total_steps:
+        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} streams")
+    per_step = sum(supervised[b].sum() for p in epochs for s in p for b in s) / sum(map(len, epochs))
+    return RunPlan(epochs, total_steps, conversation_weights(split), supervised, per_step)
+
+
 def train(cfg: TrainConfig):
     """The whole run in an initialised process group; returns the model and its last export."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -608,32 +631,20 @@ def train(cfg: TrainConfig):
     classes = [s["condition"] or f"class {i}" for i, s in enumerate(meta["sources"])]
     compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    # The whole run's plan, the same on every rank: each step's conversations and global weight sum.
-    plans = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
-    weight_of = conversation_weights(split)
-    supervised_of = np.add.reduceat(np.asarray(split.weights) != 0, split.offsets)
-    total_steps = sum(len(p) for p in plans)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    if not total_steps:
-        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} streams")
-    supervised_per_step = sum(supervised_of[b].sum() for p in plans for s in p for b in s) / sum(map(len, plans))
-    peak_lr = cfg.lr or auto_lr(supervised_per_step, cfg.lr_scale)
-
-    mesh = init_device_mesh(device.type, (world,))
-    model = build_model(cfg, meta, mesh, device, compute_dtype)
+    plan = plan_run(split, cfg, world)
+    peak_lr = cfg.lr or auto_lr(plan.supervised_per_step, cfg.lr_scale)
+    model = build_model(cfg, meta, init_device_mesh(device.type, (world,)), device, compute_dtype)
     optimizer = make_optimizer(model, cfg, peak_lr)
     step, epoch, next_step = 0, 0, 0
     if cfg.resume:
         step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
-        name = export_name(step, epoch, next_step, plans, total_steps)  # the export its checkpoint came with
+        name = export_name(step, epoch, next_step, plan.epochs, plan.total_steps)  # its checkpoint's export
         if name and not (out / "exports" / name / "crlft.json").exists():  # the run stopped while exporting
             log(f"exports/{name} was not finished: exporting it again from the checkpoint of step {step}")
             export(model, meta, cfg, out / "exports" / name, step, rank)
-        if step >= total_steps:
+        if step >= plan.total_steps:
             exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
-            log(f"{out} is complete ({step} of {total_steps} steps): nothing to do")
+            log(f"{out} is complete ({step} of {plan.total_steps} steps): nothing to do")
             return model, exports[-1] if exports else None
         if rank == 0:
             keep_metrics_up_to(out / "metrics.jsonl", step)
@@ -643,86 +654,106 @@ def train(cfg: TrainConfig):
     n = torch.get_num_threads()
     threads = f" ({n} thread{'s' if n > 1 else ''} each)" if device.type == "cpu" else ""
     log(f"{world} rank(s) on {device.type}{threads}, {compute_dtype}; {len(split.lengths):,} conversations; "
-        f"{total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
-        f"({supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")
+        f"{plan.total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
+        f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")
 
-    peak_flops = matmul_peak_flops(device)
-    window = {"stats": torch.zeros(len(classes), 3, dtype=torch.float64, device=device), "tokens": 0,
-              "supervised": 0, "flops": 0.0, "start": time.perf_counter()}
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    run_start, run_start_step, last_export = time.perf_counter(), step, None
-    while step < total_steps:
-        plan = plans[epoch]
-        if next_step >= len(plan):  # the epoch is over
+    progress = Progress(classes, plan.total_steps, matmul_peak_flops(device), device, log, step,
+                        open(out / "metrics.jsonl", "a") if rank == 0 else None)
+    last_export = None
+    while step < plan.total_steps:
+        if next_step >= len(plan.epochs[epoch]):  # the epoch is over
             epoch, next_step = epoch + 1, 0
             continue
-        bins = plan[next_step]
-        lr = learning_rate(step, total_steps, peak_lr, cfg)
+        bins = plan.epochs[epoch][next_step]
+        lr = learning_rate(step, plan.total_steps, peak_lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
-        weight_sum = step_weight_sum(weight_of, bins)
         stats, losses, grad_norm = optimizer_step(model, optimizer, [make_batch(split, b, device) for b in mine],
-                                                  weight_sum, len(classes), cfg.grad_clip)
+                                                  step_weight_sum(plan.conversation_weight, bins), len(classes),
+                                                  cfg.grad_clip)
         if not torch.isfinite(grad_norm):
-            bad = [f"micro-batch {i + 1} (conversations {b})" for i, (b, loss) in enumerate(zip(mine, losses.tolist()))
-                   if not math.isfinite(loss)]
-            raise FloatingPointError(
-                f"non-finite loss at step {step + 1} (epoch {epoch + 1}, step {next_step + 1} of the epoch)"
-                + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
-                + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then "
-                "--resume")
+            raise non_finite_loss(step, epoch, next_step, rank, mine, losses)
         step, next_step = step + 1, next_step + 1
 
-        all_lengths = split.lengths[[i for b in bins for i in b]]
-        window["stats"] += stats
-        window["tokens"] += int(all_lengths.sum())
-        window["supervised"] += int(sum(supervised_of[b].sum() for b in bins))
-        window["flops"] += step_flops(model.config, all_lengths)
-        if step % cfg.log_every == 0 or step == total_steps:
-            log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device,
-                    (time.perf_counter() - run_start) / (step - run_start_step), metrics, log)
-        epoch_done = next_step == len(plan)
-        if (cfg.save_every and step % cfg.save_every == 0) or epoch_done or step == total_steps:
+        lengths = split.lengths[[i for b in bins for i in b]]
+        progress.add(stats, lengths, int(sum(plan.conversation_supervised[b].sum() for b in bins)),
+                     step_flops(model.config, lengths))
+        if step % cfg.log_every == 0 or step == plan.total_steps:
+            progress.row(step, epoch, lr, grad_norm)
+        epoch_done = next_step == len(plan.epochs[epoch])
+        if (cfg.save_every and step % cfg.save_every == 0) or epoch_done or step == plan.total_steps:
             save_checkpoint(model, optimizer, out, step, epoch, next_step, cfg, rank)
-        if name := export_name(step, epoch, next_step, plans, total_steps):
+        if name := export_name(step, epoch, next_step, plan.epochs, plan.total_steps):
             last_export = out / "exports" / name
             export(model, meta, cfg, last_export, step, rank)
-    if metrics:
-        metrics.close()
+    progress.close()
     evaluate = (f"demo --checkpoint {last_export}" if cfg.data == TrainConfig.data else  # the demo's own prompts
                 f"loss --checkpoint {last_export} --data {cfg.data}")
-    log(f"\ndone: {step} steps in {time.perf_counter() - run_start:.0f}s. The model: {last_export}\n"
+    log(f"\ndone: {step} steps in {time.perf_counter() - progress.run_start:.0f}s. The model: {last_export}\n"
         f"  sample:   python sample.py --checkpoint {last_export}\n"
         f"  evaluate: python eval.py {evaluate}")
     return model, last_export
 
 
-def log_row(window, model, classes, step, total_steps, epoch, lr, grad_norm, peak_flops, device, seconds_per_step,
-            metrics, log):
-    stats = window["stats"].clone()
-    dist.all_reduce(stats)  # the logged figures cover every rank
-    elapsed = time.perf_counter() - window["start"]
-    ce, correct, weight = stats.sum(0).tolist()
-    row = {
-        "step": step, "epoch": epoch + 1, "lr": lr, "loss": ce / weight, "accuracy": correct / weight,
-        "loss_per_class": {c: (s[0] / s[2] if s[2] else None) for c, s in zip(classes, stats.tolist())},
-        "grad_norm": float(grad_norm), "tokens_per_s": window["tokens"] / elapsed,
-        "supervised_tokens_per_s": window["supervised"] / elapsed,
-        "mfu": window["flops"] / elapsed / peak_flops / dist.get_world_size() if peak_flops else None,
-        "peak_memory_gib": peak_memory_gib(device), "eta_s": (total_steps - step) * seconds_per_step,
-    }
-    per_class = ", ".join(f"{c} {v:.3f}" for c, v in row["loss_per_class"].items() if v is not None)
-    log(f"step {step}/{total_steps} | epoch {row['epoch']} | lr {lr:.2e} | loss {row['loss']:.4f} ({per_class}) | "
-        f"acc {row['accuracy']:.1%} | grad {row['grad_norm']:.2f} | {row['tokens_per_s']:,.0f} tok/s "
-        f"({row['supervised_tokens_per_s']:,.0f} supervised) | "
-        + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
-        + f"mem {row['peak_memory_gib']:.2f} GiB | ETA {row['eta_s']:.0f}s", flush=True)
-    if metrics:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-    window.update(stats=torch.zeros_like(window["stats"]), tokens=0, supervised=0, flops=0.0,
-                  start=time.perf_counter())
+def non_finite_loss(step, epoch, next_step, rank, mine, losses) -> FloatingPointError:
+    """The error for a step whose gradient norm is not finite, naming this rank's culprit micro-batches."""
+    bad = [f"micro-batch {i + 1} (conversations {b})" for i, (b, loss) in enumerate(zip(mine, losses.tolist()))
+           if not math.isfinite(loss)]
+    return FloatingPointError(
+        f"non-finite loss at step {step + 1} (epoch {epoch + 1}, step {next_step + 1} of the epoch)"
+        + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
+        + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then --resume")
+
+
+class Progress:
+    """The log rows: loss overall and per class, accuracy, grad norm, tokens/s, MFU, memory and ETA, summed
+    over every rank since the previous row; printed by rank 0 and appended to metrics.jsonl."""
+
+    def __init__(self, classes, total_steps, peak_flops, device, log, start_step, metrics):
+        self.classes, self.total_steps, self.peak_flops, self.device = classes, total_steps, peak_flops, device
+        self.log, self.metrics = log, metrics
+        self.run_start, self.start_step = time.perf_counter(), start_step
+        self.reset()
+
+    def reset(self):
+        self.stats = torch.zeros(len(self.classes), 3, dtype=torch.float64, device=self.device)
+        self.tokens, self.supervised, self.flops, self.start = 0, 0, 0.0, time.perf_counter()
+
+    def add(self, stats, lengths, supervised: int, flops: float):
+        self.stats += stats
+        self.tokens += int(lengths.sum())
+        self.supervised += supervised
+        self.flops += flops
+
+    def row(self, step, epoch, lr, grad_norm):
+        stats = self.stats.clone()
+        dist.all_reduce(stats)  # the logged figures cover every rank
+        elapsed = time.perf_counter() - self.start
+        seconds_per_step = (time.perf_counter() - self.run_start) / (step - self.start_step)
+        ce, correct, weight = stats.sum(0).tolist()
+        row = {
+            "step": step, "epoch": epoch + 1, "lr": lr, "loss": ce / weight, "accuracy": correct / weight,
+            "loss_per_class": {c: (s[0] / s[2] if s[2] else None) for c, s in zip(self.classes, stats.tolist())},
+            "grad_norm": float(grad_norm), "tokens_per_s": self.tokens / elapsed,
+            "supervised_tokens_per_s": self.supervised / elapsed,
+            "mfu": (self.flops / elapsed / self.peak_flops / dist.get_world_size() if self.peak_flops else None),
+            "peak_memory_gib": peak_memory_gib(self.device), "eta_s": (self.total_steps - step) * seconds_per_step,
+        }
+        per_class = ", ".join(f"{c} {v:.3f}" for c, v in row["loss_per_class"].items() if v is not None)
+        self.log(f"step {step}/{self.total_steps} | epoch {row['epoch']} | lr {lr:.2e} | loss {row['loss']:.4f} "
+                 f"({per_class}) | acc {row['accuracy']:.1%} | grad {row['grad_norm']:.2f} | "
+                 f"{row['tokens_per_s']:,.0f} tok/s ({row['supervised_tokens_per_s']:,.0f} supervised) | "
+                 + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
+                 + f"mem {row['peak_memory_gib']:.2f} GiB | ETA {row['eta_s']:.0f}s", flush=True)
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        self.reset()
+
+    def close(self):
+        if self.metrics:
+            self.metrics.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
