@@ -290,8 +290,8 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
 
         def step(b):
             batch = train.make_batch(split, b, device)
-            loss = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, batch.targets,
-                         batch.weights, batch.supervised)[0]
+            loss = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                         targets=batch.targets, weights=batch.weights, supervised=batch.supervised)[0]
             (loss / weight_sum(b)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

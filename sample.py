@@ -369,120 +369,119 @@ def check_request(body, gen: Generator) -> dict:
 MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger body is refused before it is read
 
 
-def make_handler(gen: Generator, worker: ThreadPoolExecutor):
-    class Handler(BaseHTTPRequestHandler):
-        """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]), whatever
-        is wrong with it, and the server goes on serving."""
-        protocol_version = "HTTP/1.1"
-        default_request_version = "HTTP/1.1"  # a garbled request line gets a status line too, not HTTP/0.9's none
-        timeout = 60  # seconds a connection may stay silent: an idle or stalled client does not hold a thread
-        routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
+class Handler(BaseHTTPRequestHandler):
+    """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]), whatever
+    is wrong with it, and the server goes on serving. make_server binds a Generator and its worker thread."""
+    gen: Generator
+    worker: ThreadPoolExecutor
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.1"  # a garbled request line gets a status line too, not HTTP/0.9's none
+    timeout = 60  # seconds a connection may stay silent: an idle or stalled client does not hold a thread
+    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
 
-        def route(self):
-            path = self.path.split("?")[0].rstrip("/")
-            if path not in self.routes:
-                return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
-            if self.command != self.routes[path]:
-                return self.send_json(405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
-                                      {"Allow": self.routes[path]})
-            self.answered = False
-            try:
-                self.list_models() if path == "/v1/models" else self.chat_completion()
-            except RequestError as e:
-                self.send_json(e.status, error_body(str(e), param=e.param))
-            except Exception as e:  # a fault of ours: said, logged, and the server goes on
-                self.log_error("%s failed: %r", path, e)
-                if not self.answered:
-                    self.send_json(500, error_body(f"server error: {e}", "server_error"))
+    def route(self):
+        path = self.path.split("?")[0].rstrip("/")
+        if path not in self.routes:
+            return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
+        if self.command != self.routes[path]:
+            return self.send_json(405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
+                                  {"Allow": self.routes[path]})
+        self.answered = False
+        try:
+            self.list_models() if path == "/v1/models" else self.chat_completion()
+        except RequestError as e:
+            self.send_json(e.status, error_body(str(e), param=e.param))
+        except Exception as e:  # a fault of ours: said, logged, and the server goes on
+            self.log_error("%s failed: %r", path, e)
+            if not self.answered:
+                self.send_json(500, error_body(f"server error: {e}", "server_error"))
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
 
-        def list_models(self):
-            self.send_json(200, {"object": "list", "data": [
-                {"id": gen.name, "object": "model", "created": 0, "owned_by": "crlft"}]})
+    def list_models(self):
+        self.send_json(200, {"object": "list", "data": [
+            {"id": self.gen.name, "object": "model", "created": 0, "owned_by": "crlft"}]})
 
-        def chat_completion(self):
-            request = check_request(self.read_json_body(), gen)
-            reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-            settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
-            if request["stream"]:
-                return self.stream(request["prompt"], settings, reply_id, created)
-            [done] = worker.submit(gen.generate, [request["prompt"]], **settings).result()
-            self.send_json(200, {
-                "id": reply_id, "object": "chat.completion", "created": created, "model": gen.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                             "finish_reason": done.finish_reason}],
-                "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
-                          "total_tokens": done.prompt_tokens + len(done.tokens)}})
+    def chat_completion(self):
+        request = check_request(self.read_json_body(), self.gen)
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+        if request["stream"]:
+            return self.stream(request["prompt"], settings, reply_id, created)
+        [done] = self.worker.submit(self.gen.generate, [request["prompt"]], **settings).result()
+        self.send_json(200, {
+            "id": reply_id, "object": "chat.completion", "created": created, "model": self.gen.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.finish_reason}],
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
+                      "total_tokens": done.prompt_tokens + len(done.tokens)}})
 
-        def read_json_body(self):
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise RequestError("a JSON body with its Content-Length is required", status=411)
-            if not re.fullmatch(r"[0-9]+", length):
-                raise RequestError(f"Content-Length {length!r} is not a number of bytes")
-            if int(length) > MAX_BODY:
-                raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}", status=413)
-            try:
-                raw = self.rfile.read(int(length))
-            except TimeoutError:
-                raise RequestError(f"the body did not arrive within {self.timeout} s", status=408) from None
-            try:
-                return json.loads(raw)  # bytes: invalid UTF-8 raises too
-            except (ValueError, RecursionError) as e:
-                raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
+    def read_json_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError("a JSON body with its Content-Length is required", status=411)
+        if not re.fullmatch(r"[0-9]+", length):
+            raise RequestError(f"Content-Length {length!r} is not a number of bytes")
+        if int(length) > MAX_BODY:
+            raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}", status=413)
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise RequestError(f"the body did not arrive within {self.timeout} s", status=408) from None
+        try:
+            return json.loads(raw)  # bytes: invalid UTF-8 raises too
+        except (ValueError, RecursionError) as e:
+            raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
 
-        def stream(self, prompt, settings, reply_id, created):
-            """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]; a
-            generation that fails ends with an error event, then [DONE]."""
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.answered, self.close_connection = True, True
+    def stream(self, prompt, settings, reply_id, created):
+        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]; a
+        generation that fails ends with an error event, then [DONE]."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.answered, self.close_connection = True, True
 
-            def send(payload: dict):
-                self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-                self.wfile.flush()
-
-            def event(delta, finish_reason=None):
-                send({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": gen.name,
-                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
-
-            event({"role": "assistant", "content": ""})
-            streamed = TextStream(gen.tokenizer, lambda text: event({"content": text}))
-            try:
-                [done] = worker.submit(gen.generate, [prompt], on_token=streamed, **settings).result()
-                if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
-                    event({"content": done.text[len(streamed.sent):]})
-                event({}, done.finish_reason)
-            except Exception as e:
-                self.log_error("generation failed: %r", e)
-                send(error_body(f"generation failed: {e}", "server_error"))
-            self.wfile.write(b"data: [DONE]\n\n")
+        def send(payload: dict):
+            self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
-        def send_json(self, status: int, body: dict, headers: dict | None = None):
-            payload = json.dumps(body).encode()
-            self.send_response(status)
-            for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
-                               **(headers or {})}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            self.wfile.write(payload)
-            self.answered = True
-            # After a refusal the request's body may be unread: the connection cannot carry another request.
-            self.close_connection |= status >= 400
+        def event(delta, finish_reason=None):
+            send({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.gen.name,
+                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
 
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own answers (a malformed request line, headers too long, HEAD) in JSON too."""
-            self.send_json(code, error_body(message or HTTPStatus(code).phrase))
+        event({"role": "assistant", "content": ""})
+        streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}))
+        try:
+            [done] = self.worker.submit(self.gen.generate, [prompt], on_token=streamed, **settings).result()
+            if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
+                event({"content": done.text[len(streamed.sent):]})
+            event({}, done.finish_reason)
+        except Exception as e:
+            self.log_error("generation failed: %r", e)
+            send(error_body(f"generation failed: {e}", "server_error"))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
-        def log_message(self, format, *args):
-            print(f"{self.address_string()} {format % args}", file=sys.stderr)
+    def send_json(self, status: int, body: dict, headers: dict | None = None):
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                           **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+        self.answered = True
+        # After a refusal the request's body may be unread: the connection cannot carry another request.
+        self.close_connection |= status >= 400
 
-    return Handler
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own answers (a malformed request line, headers too long, HEAD) in JSON too."""
+        self.send_json(code, error_body(message or HTTPStatus(code).phrase))
+
+    def log_message(self, format, *args):
+        print(f"{self.address_string()} {format % args}", file=sys.stderr)
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
@@ -493,7 +492,8 @@ def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
     """A thread per connection, and one thread that runs every generation, so concurrent requests wait their
     turn and the model is only ever run from that thread: CUDA graphs recorded by --compile (reduce-overhead)
     belong to the thread that recorded them, and a thread per request would record them again each time."""
-    return Server((host, port), make_handler(gen, ThreadPoolExecutor(max_workers=1)))
+    bound = type("Handler", (Handler,), {"gen": gen, "worker": ThreadPoolExecutor(max_workers=1)})
+    return Server((host, port), bound)
 
 
 class Server(ThreadingHTTPServer):

@@ -356,8 +356,8 @@ def forward_backward(model, batches: list[Batch], weight_sum: float,
     stats = torch.zeros(n_classes, 3, dtype=torch.float64, device=batches[0].tokens.device)
     losses = []
     for b in batches:
-        loss_sum, ce, correct = model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen, b.targets, b.weights,
-                                      b.supervised)
+        loss_sum, ce, correct = model(b.tokens, b.positions, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
+                                      targets=b.targets, weights=b.weights, supervised=b.supervised)
         (loss_sum / weight_sum).backward()
         per_token = torch.stack([b.weights * ce.float(), b.weights * correct.float(), b.weights], dim=1)
         stats.index_add_(0, b.classes, per_token.double())

@@ -119,8 +119,8 @@ def bf16_weights(data_dir):
                               CPU, torch.bfloat16)
     batch = train.make_batch(split, [int(i) for i in (split.classes == 1).nonzero()[0][rank * 4:rank * 4 + 4]], CPU)
     assert batch.weights.dtype == torch.float32 and torch.isclose(batch.weights.max(), torch.tensor(0.1))
-    loss_sum, ce, _ = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, batch.targets,
-                            batch.weights, batch.supervised)
+    loss_sum, ce, _ = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                            targets=batch.targets, weights=batch.weights, supervised=batch.supervised)
     exact = (batch.weights.double() * ce.double()).sum()
     err = abs(loss_sum.double() - exact).item() / exact.item()
     assert err < 1e-6, f"Σ w·CE is off by {err:.2e} (relative) from the float32 weights'"
