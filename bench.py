@@ -261,79 +261,90 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
                   compile: bool):
     """(tokens/s, model FLOPs/s, peak bytes) of `steps` optimizer steps after 2 of warm-up, one packed
     stream of batch_max_len tokens per step, the batch made from the dataset inside the step for every
-    system. train: train.py's own step (FSDP2 for a world of one, AdamW, clipping); plain: the same model
-    and loss in a plain loop (float32, CPU); transformers: LlamaForCausalLM, sdpa with a block-diagonal
-    mask over the stream, logits then Σ w·CE / Σ w, fp32 weights (bf16 autocast on a GPU)."""
+    system (the TRAIN_STEPS below)."""
     import train
     torch.manual_seed(0)
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     meta, split = train.load_data(dataset)
     cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4, compile=compile)
     plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
     if len(plan) < steps + 2:
         raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
     weight_of = train.conversation_weights(split)
-    weight_sum = lambda b: train.step_weight_sum(weight_of, [b])  # noqa: E731
-    if impl == "train":
-        train.setup_processes()
-        model = Transformer(config)
-        train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, dtype)
-        optimizer = train.make_optimizer(model, cfg, cfg.lr)
-
-        def step(b):
-            batches = [train.make_batch(split, b, device)]
-            train.optimizer_step(model, optimizer, batches, weight_sum(b), len(meta["sources"]), cfg.grad_clip)
-    elif impl == "plain":
-        model = Transformer(config).to(device)
-        optimizer = train.make_optimizer(model, cfg, cfg.lr)
-
-        def step(b):
-            batch = train.make_batch(split, b, device)
-            loss = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                         targets=batch.targets, weights=batch.weights, supervised=batch.supervised)[0]
-            (loss / weight_sum(b)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        import transformers
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-            attn_implementation="sdpa")).to(device)
-        if compile:
-            model.compile()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                      weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-
-        def step(b):
-            batch = train.make_batch(split, b, device)
-            conversation = torch.repeat_interleave(torch.arange(len(b), device=device),
-                                                   batch.cu_seqlens.diff().long())
-            n = len(batch.tokens)
-            mask = (conversation[:, None] == conversation[None]) & torch.ones(n, n, dtype=torch.bool,
-                                                                              device=device).tril()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
-                               attention_mask=mask[None, None]).logits[0].float()
-            (weighted_cross_entropy(logits, batch.targets, batch.weights) / weight_sum(b)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    step = TRAIN_STEPS[impl](config, cfg, device, len(meta["sources"]))
     for b in plan[:2]:
-        step(b)
+        step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     reset_peak_memory(device.type)
     start = time.perf_counter()
     for b in plan[2:]:
-        step(b)
+        step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
     sync()
     seconds = time.perf_counter() - start
     lengths = np.concatenate([split.lengths[b] for b in plan[2:]])
     return lengths.sum() / seconds, train.step_flops(config, lengths) / seconds, peak_memory(device.type)
+
+
+def train_py_step(config, cfg, device, n_classes):
+    """train.py's own step: FSDP2 for a world of one, bf16 compute on a GPU, AdamW, clipping."""
+    import train
+    train.setup_processes()
+    model = Transformer(config)
+    train.parallelize(model, init_device_mesh(device.type, (1,)), cfg,
+                      torch.bfloat16 if device.type == "cuda" else torch.float32)
+    optimizer = train.make_optimizer(model, cfg, cfg.lr)
+    return lambda batch, weight_sum: train.optimizer_step(model, optimizer, [batch], weight_sum, n_classes,
+                                                          cfg.grad_clip)
+
+
+def plain_step(config, cfg, device, n_classes):
+    """The same model and fused loss in a plain loop: no FSDP (float32; the CPU's baseline for its cost)."""
+    import train
+    model = Transformer(config).to(device)
+    optimizer = train.make_optimizer(model, cfg, cfg.lr)
+
+    def step(batch, weight_sum):
+        loss = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
+                     targets=batch.targets, weights=batch.weights, supervised=batch.supervised)[0]
+        (loss / weight_sum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def transformers_step(config, cfg, device, n_classes):
+    """transformers' LlamaForCausalLM: sdpa with a block-diagonal mask over the stream, the logits, then
+    Σ w·CE / Σ w; float32 weights, bf16 autocast on a GPU, fused AdamW there."""
+    import transformers
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+        attn_implementation="sdpa")).to(device)
+    if cfg.compile:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+    def step(batch, weight_sum):
+        conversation = torch.repeat_interleave(torch.arange(len(batch.cu_seqlens) - 1, device=device),
+                                               batch.cu_seqlens.diff().long())
+        n = len(batch.tokens)
+        mask = (conversation[:, None] == conversation[None]) & torch.ones(n, n, dtype=torch.bool,
+                                                                          device=device).tril()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
+                           attention_mask=mask[None, None]).logits[0].float()
+        (weighted_cross_entropy(logits, batch.targets, batch.weights) / weight_sum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+TRAIN_STEPS = {"train": train_py_step, "plain": plain_step, "transformers": transformers_step}
 
 
 def bench_train(args):
