@@ -23,7 +23,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import data
 from assets import fetch_sharegpt
-from model import CHUNK_TOKENS, ModelConfig, Transformer, fused_weighted_cross_entropy, weighted_cross_entropy
+from model import (CHUNK_TOKENS, ModelConfig, Transformer, default_device, default_dtype, fused_weighted_cross_entropy,
+                   weighted_cross_entropy)
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
@@ -103,7 +104,7 @@ def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device,
 
 
 def bench_loss(args):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     # On a GPU, the sizes of the README's loss target (Benchmarks); on a CPU, smaller ones, and float32
     # (CPUs without native bf16 matmuls run bf16 through a slow fallback that would measure nothing useful).
     tokens = args.tokens or (16384 if device == "cuda" else 2048)
@@ -179,8 +180,8 @@ def timed(fn, device) -> float:
 
 
 def bench_decode(args):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = default_device()
+    dtype = default_dtype(device)
     model_name = args.model or ("Llama-2-7B" if device.type == "cuda" else "TinyLlama-1.1B")
     layers = args.layers or (None if device.type == "cuda" else 4)
     tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")  # a 32,000-piece vocabulary + EOT
@@ -291,8 +292,7 @@ def train_py_step(config, cfg, device, n_classes):
     import train
     train.setup_processes()
     model = Transformer(config)
-    train.parallelize(model, init_device_mesh(device.type, (1,)), cfg,
-                      torch.bfloat16 if device.type == "cuda" else torch.float32)
+    train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, default_dtype(device))
     optimizer = train.make_optimizer(model, cfg, cfg.lr)
     return lambda batch, weight_sum: train.optimizer_step(model, optimizer, [batch], weight_sum, n_classes,
                                                           cfg.grad_clip)
@@ -349,7 +349,7 @@ TRAIN_STEPS = {"train": train_py_step, "plain": plain_step, "transformers": tran
 
 def bench_train(args):
     import train
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     impls = ["train", "transformers"] + (["plain"] if device == "cpu" else [])
     batch_max_len = args.batch_max_len or (8192 if device == "cuda" else 4096)
     peak = train.matmul_peak_flops(torch.device(device))

@@ -695,6 +695,14 @@ def read_texts(path: Path) -> list[tuple[str, str]]:
     return texts
 
 
+def check_tokenizer_file(path: Path, expected_sha256: str, what: str, hint: str = ""):
+    """A tokenizer file must be byte for byte the one `what` (its recorded sha256): another would give other ids."""
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if sha != expected_sha256:
+        raise ValueError(f"{path} (sha256 {sha[:12]}…) is not the tokenizer {what} (sha256 "
+                         f"{expected_sha256[:12]}…){hint}")
+
+
 def check_split_options(max_len: int, holdout: float):
     if max_len < 2:
         raise ValueError(f"--max-len={max_len}: a conversation needs at least 2 tokens")

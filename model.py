@@ -1,7 +1,7 @@
 """The LLaMA family (Llama-2, Llama-3, Mistral) in plain PyTorch, and the fused weighted loss of C-RLFT.
 
 Read top to bottom:
-  1. ModelConfig and its named presets.
+  1. ModelConfig and its named presets; the default device and dtype.
   2. The blocks: RMSNorm, RoPE, attention (packed stream, padded batch, KV cache), SwiGLU MLP.
   3. Transformer: one forward for the three uses (training on packed streams, a padded batch, decoding),
      Hugging Face checkpoint I/O (safetensors only) and adding special tokens to the vocabulary.
@@ -100,6 +100,15 @@ PRESETS = {
                          rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
                          bos_token_id=128000, eos_token_id=128001),
 }
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU; float32 on a CPU, where bf16 matmuls mostly run through a slow fallback."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
 
 # ---------------------------------------------------------------------------------------------------------
 # 2. The blocks

@@ -27,7 +27,7 @@ import torch
 
 import data
 from cli import arg, parse
-from model import Transformer, read_json, write_atomically
+from model import Transformer, default_device, default_dtype, read_json, write_atomically
 
 
 @dataclass
@@ -100,13 +100,9 @@ class Generator:
             conditions = meta["conditions"]
         else:
             raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base with --data")
-        if tokenizer.sha256 != expected:
-            raise ValueError(f"{tokenizer.path} is not the tokenizer the model was trained with")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
-        model = Transformer.from_pretrained(path, device=device,
-                                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        data.check_tokenizer_file(tokenizer.path, expected, "the model was trained with")
+        device = default_device() if device == "auto" else torch.device(device)
+        model = Transformer.from_pretrained(path, device=device, dtype=default_dtype(device))
         if model.config.vocab_size == tokenizer.base_vocab_size < tokenizer.vocab_size:
             model.extend_vocab(tokenizer.vocab_size)
         return cls(model, tokenizer, condition, path.resolve().name, compile, conditions)

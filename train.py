@@ -41,7 +41,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 from cli import arg, parse
 from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
-                   iter_checkpoint, read_json, write_atomically, write_hf_checkpoint, write_json)
+                   default_device, default_dtype, iter_checkpoint, read_json, write_atomically, write_hf_checkpoint,
+                   write_json)
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -151,7 +152,7 @@ def setup_processes():
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = default_device()
     backend = "nccl" if cuda else "gloo"
     # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, on every barrier).
     device_id = device if cuda else None
@@ -221,10 +222,8 @@ def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict) ->
                          f"data with the base model's {tok['file']}")
     base_tokenizer = base / tok["file"]
     if base_tokenizer.exists():
-        sha = hashlib.sha256(base_tokenizer.read_bytes()).hexdigest()
-        if sha != tok["sha256"]:
-            raise ValueError(f"{base_tokenizer} (sha256 {sha[:12]}…) is not the tokenizer the dataset was made with "
-                             f"({tok['path']}, sha256 {tok['sha256'][:12]}…): prepare the data with it")
+        data.check_tokenizer_file(base_tokenizer, tok["sha256"], "the dataset was made with",
+                                  ": prepare the data with the base's own")
     return config.vocab_size
 
 
@@ -621,7 +620,7 @@ def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
 def train(cfg: TrainConfig):
     """The whole run in an initialised process group; returns the model and its last export."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     out = Path(cfg.out)
     log = print if rank == 0 else (lambda *a, **k: None)
     meta, split = load_data(cfg.data)
@@ -629,8 +628,7 @@ def train(cfg: TrainConfig):
     check_run_directory(out, cfg, data_sha)
     dist.barrier()  # every rank has looked before rank 0 writes config.json
     classes = [s["condition"] or f"class {i}" for i, s in enumerate(meta["sources"])]
-    compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
     plan = plan_run(split, cfg, world)
     peak_lr = cfg.lr or auto_lr(plan.supervised_per_step, cfg.lr_scale)
     model = build_model(cfg, meta, init_device_mesh(device.type, (world,)), device, compute_dtype)
