@@ -238,7 +238,7 @@ def bench_decode(args):
 # ---------------------------------------------------------------------------------------------------------
 # train
 
-# The shapes measured: (model preset, overrides, dataset); on a GPU the README's (Benchmarks).
+# The shapes measured: (model.py MODELS name, overrides, dataset); on a GPU the README's (Benchmarks).
 TRAIN_SHAPES = {
     "cpu": [("demo", {}, "demo"),
             ("demo", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688), "sharegpt")],  # ~25M
@@ -476,7 +476,7 @@ def main():
     real.add_argument("--batch-max-len", type=int, nargs="+", default=[8192, 32768], help="packing capacities")
     real.add_argument("--world-size", type=int, nargs="+", default=[1, 8], help="ranks to pack for")
     decode = modes.add_parser("decode", help="generation speed against transformers' generate")
-    decode.add_argument("--model", help="model preset (default Llama-2-7B on GPU, TinyLlama-1.1B on CPU)")
+    decode.add_argument("--model", help="model.py MODELS name (default Llama-2-7B on GPU, TinyLlama-1.1B on CPU)")
     decode.add_argument("--layers", type=int, help="cut the model to this many layers (default: all on GPU, 4 on CPU)")
     decode.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
     decode.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")

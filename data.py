@@ -266,7 +266,7 @@ class Conversation:
     messages: list[Message]
     condition: str
     system: str | None
-    source: int  # the class: index of its source
+    class_id: int  # the index of its source: its class
     where: str  # file and line, for messages about it
 
 
@@ -556,7 +556,7 @@ def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: 
                         m.weight = 0.0
                         counts["refusals_zeroed"] += 1
             ids, weights = tokenize_conversation(tokenizer, c.messages, c.condition, c.system,
-                                                 sources[c.source].weight, per_message_norm=cfg.per_message_norm,
+                                                 sources[c.class_id].weight, per_message_norm=cfg.per_message_norm,
                                                  encoded=encoded[i:i + n_texts])
             i += n_texts
             n_tokens += len(ids)
@@ -574,7 +574,7 @@ def tokenize_all(conversations, sources, tokenizer, cfg: PrepareConfig, counts: 
             if not target_weights.any():
                 counts["no_supervised_token"] += 1
                 continue
-            rows.append((np.array(ids, dtype=np.int32), target_weights, c.source))
+            rows.append((np.array(ids, dtype=np.int32), target_weights, c.class_id))
         progress.update(len(batch), n_tokens, final=start + 2000 >= len(conversations))
     return rows
 

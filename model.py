@@ -75,14 +75,14 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; models: {', '.join(MODELS)}")
+        return cls(**{**MODELS[name], **overrides})
 
 
 HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-PRESETS = {
+MODELS = {
     # Tests and demos: small enough for a CPU, with every variation of the family switched on somewhere.
     "tiny": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=512),
     "tiny-mistral": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,

@@ -50,11 +50,11 @@ from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter
 
 @dataclass
 class TrainConfig:
-    preset: str = arg("demo", "recipe whose values become the defaults of the other flags (see PRESETS)")
+    preset: str = arg("demo", "recipe whose values become the defaults of the other flags (train.py RECIPES)")
     data: str = arg("data/demo/dataset", "dataset directory made by `python data.py prepare`")
     base: str = arg("", "Hugging Face folder of the base model; empty: train from scratch with --model (the "
                         "demo preset: the demo's base, made when missing)")
-    model: str = arg("demo", "model preset when training from scratch (model.py PRESETS)")
+    model: str = arg("demo", "model shape when training from scratch (model.py MODELS)")
     out: str = arg("runs/demo", "run directory: metrics.jsonl, checkpoints/, exports/")
     epochs: int = arg(5, "passes over the data")
     max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
@@ -87,7 +87,7 @@ class TrainConfig:
 
 
 DEMO_BASE = "runs/demo-base/exports/epoch-1"
-PRESETS = {
+RECIPES = {
     # The sorting demo on a CPU, base included in under 5 minutes: the field defaults, from the demo's base.
     "demo": dict(base=DEMO_BASE),
     # The demo's base model: this same code as a plain language model (every token weight 1, no template)
@@ -110,9 +110,9 @@ def load_config(argv) -> TrainConfig:
     """--preset first, then every other flag over the preset's values. The demo's base goes with the demo's
     data: other --data without a --base starts from scratch."""
     preset = parse(TrainConfig, argv, __doc__).preset
-    if preset not in PRESETS:
-        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    cfg = parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **PRESETS[preset]))
+    if preset not in RECIPES:
+        raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(RECIPES)}")
+    cfg = parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **RECIPES[preset]))
     if cfg.base == DEMO_BASE and cfg.data != TrainConfig.data and not any(a.startswith("--base") for a in argv):
         cfg = replace(cfg, base="")
     return cfg
@@ -791,7 +791,7 @@ def main(argv):
     if not cfg.data:
         raise SystemExit(f"--data is required with --preset={cfg.preset}")
     if "RANK" not in os.environ:  # under torchrun, the demo's data and base must be made beforehand
-        if cfg.preset == "demo-base" and cfg.data == PRESETS["demo-base"]["data"]:
+        if cfg.preset == "demo-base" and cfg.data == RECIPES["demo-base"]["data"]:
             ensure_demo_data()
         if cfg.preset == "demo" and (cfg.data, cfg.base) == (TrainConfig.data, DEMO_BASE):
             ensure_demo_base()
