@@ -635,22 +635,15 @@ def train(cfg: TrainConfig):
     optimizer = make_optimizer(model, cfg, peak_lr)
     step, epoch, next_step = 0, 0, 0
     if cfg.resume:
-        step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
-        name = export_name(step, epoch, next_step, plan.epochs, plan.total_steps)  # its checkpoint's export
-        if name and not (out / "exports" / name / "crlft.json").exists():  # the run stopped while exporting
-            log(f"exports/{name} was not finished: exporting it again from the checkpoint of step {step}")
-            export(model, meta, cfg, out / "exports" / name, step, rank)
+        step, epoch, next_step = resume(model, optimizer, meta, cfg, plan, rank, log)
         if step >= plan.total_steps:
             exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
             log(f"{out} is complete ({step} of {plan.total_steps} steps): nothing to do")
             return model, exports[-1] if exports else None
-        if rank == 0:
-            keep_metrics_up_to(out / "metrics.jsonl", step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**asdict(cfg), "dataset_meta_sha256": data_sha})
-    n = torch.get_num_threads()
-    threads = f" ({n} thread{'s' if n > 1 else ''} each)" if device.type == "cpu" else ""
+    threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
     log(f"{world} rank(s) on {device.type}{threads}, {compute_dtype}; {len(split.lengths):,} conversations; "
         f"{plan.total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
         f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")
@@ -692,6 +685,20 @@ def train(cfg: TrainConfig):
         f"  sample:   python sample.py --checkpoint {last_export}\n"
         f"  evaluate: python eval.py {evaluate}")
     return model, last_export
+
+
+def resume(model, optimizer, meta: dict, cfg: TrainConfig, plan: RunPlan, rank: int, log) -> tuple[int, int, int]:
+    """(step, epoch, next step in the epoch) of the newest checkpoint that loads, its export made again if the
+    run stopped while writing it, and metrics.jsonl cut back to it."""
+    out = Path(cfg.out)
+    step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
+    name = export_name(step, epoch, next_step, plan.epochs, plan.total_steps)  # its checkpoint's export
+    if name and not (out / "exports" / name / "crlft.json").exists():
+        log(f"exports/{name} was not finished: exporting it again from the checkpoint of step {step}")
+        export(model, meta, cfg, out / "exports" / name, step, rank)
+    if rank == 0 and step < plan.total_steps:
+        keep_metrics_up_to(out / "metrics.jsonl", step)
+    return step, epoch, next_step
 
 
 def non_finite_loss(step, epoch, next_step, rank, mine, losses) -> FloatingPointError:
