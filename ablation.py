@@ -42,8 +42,8 @@ import data
 import train
 from cli import arg, parse
 from demo import config_of, draw_prompts, number_list, statements, words, write_conversations
-from eval import demo_accuracy, held_out_loss, read_jsonl, write_text
-from model import read_json
+from eval import demo_accuracy, held_out_loss, read_jsonl
+from files import read_json, write_text
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent

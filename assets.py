@@ -203,7 +203,8 @@ def smollm2_folder(cache: Path = ASSET_CACHE) -> Path:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from model import ModelConfig, write_hf_checkpoint, write_json
+    from files import write_json
+    from model import ModelConfig, write_hf_checkpoint
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists():
         return out

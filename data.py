@@ -36,6 +36,7 @@ import numpy as np
 import sentencepiece as spm
 
 from cli import arg, parse
+from files import replace_directory, write_atomically
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. The conversation template (METHOD.md §3)
@@ -746,15 +747,6 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
     return meta
 
 
-def replace_directory(new: Path, target: Path):
-    """new takes target's place; an old target is moved aside first and removed after."""
-    old = target.with_name(f"{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def print_summary(meta: dict, seconds: float):
     print("\n| split | class | condition | weight | conversations | tokens | supervised tokens |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
@@ -918,16 +910,10 @@ def train_tokenizer(cfg: TokenizerConfig):
         byte_fallback=True, split_digits=cfg.split_digits, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         pretokenization_delimiter="\x1f")
-    write_atomically(Path(cfg.out), model.getvalue())
+    write_atomically(Path(cfg.out), lambda tmp: tmp.write_bytes(model.getvalue()))
     print(f"wrote {cfg.out}: {cfg.vocab_size} pieces from {len(conversations):,} conversations and {len(cfg.text)} "
           f"text file(s)"
           + (f" (skipped bad records: {dict(counts)})" if counts else ""))
-
-
-def write_atomically(path: Path, content: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import data
 from cli import arg, parse
+from files import replace_directory, write_text
 
 
 @dataclass
@@ -210,13 +211,13 @@ def make_demo(cfg: DemoConfig) -> Path:
     data.train_tokenizer(data.TokenizerConfig(
         corpus=[str(tmp / "expert.json"), str(tmp / "suboptimal.jsonl")], text=[str(tmp / "base_corpus.jsonl")],
         vocab_size=cfg.vocab_size, split_digits=False, conditions=["GPT4", "GPT3"], out=str(tmp / "tokenizer.model")))
-    data.replace_directory(tmp, out)
+    replace_directory(tmp, out)
     data.prepare(data.PrepareConfig(sources=str(out / "sources.json"), tokenizer=str(out / "tokenizer.model"),
                                     template="openchat_v3.2", out=str(out / "dataset"), max_len=cfg.max_len,
                                     holdout=0.02, seed=cfg.seed))
     data.prepare_text(out / "base_corpus.jsonl", out / "tokenizer.model", out / "base-corpus", cfg.max_len,
                       holdout=0.02, seed=cfg.seed)
-    data.write_atomically(out / "demo.json", json.dumps(made_with(cfg), indent=1).encode())
+    write_text(out / "demo.json", json.dumps(made_with(cfg), indent=1))
     n_expert = round(cfg.expert_fraction * cfg.conversations)
     print(f"demo data in {out}: {n_expert:,} expert (GPT4) and {cfg.conversations - n_expert:,} sub-optimal "
           f"(GPT3) conversations, {len(validation)} validation and {len(held_out)} held-out prompts, "

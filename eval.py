@@ -25,7 +25,7 @@ import torch
 
 import data
 from cli import arg, parse
-from model import read_json, write_atomically
+from files import read_json, write_text
 from sample import Generator, right_padded
 
 @dataclass
@@ -41,10 +41,6 @@ class EvalConfig:
     max_new_tokens: int = arg(0, "longest answer; 0: 32 for demo and mc, 1024 for mtbench (capped by the context)")
     batch_size: int = arg(32, "prompts decoded together")
     device: str = arg("auto", "cuda or cpu; auto: cuda when there is one")
-
-
-def write_text(path: Path, text: str):
-    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def in_batches(items, size: int, what: str, progress=True):

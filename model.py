@@ -13,9 +13,7 @@ checkpoint is a copy by name. This file runs on one device; parallelism belongs 
 """
 
 import inspect
-import json
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from files import read_json, write_atomically, write_json
 
 try:  # flash attention over cu_seqlens (torch >= 2.10); used on CUDA for packed streams
     from torch.nn.attention.varlen import varlen_attn
@@ -687,22 +687,3 @@ def check_all_loaded(path, params, loaded):
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
-
-def read_json(path: Path):
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
-
-
-def write_atomically(path: Path, write):
-    """write(tmp) fills a temporary file beside path, which then replaces path: never a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

@@ -27,7 +27,8 @@ import torch
 
 import data
 from cli import arg, parse
-from model import Transformer, default_device, default_dtype, read_json, write_atomically
+from files import read_json, write_atomically
+from model import Transformer, default_device, default_dtype
 
 
 @dataclass

@@ -16,6 +16,7 @@ Read top to bottom:
   8. The demo's data and base model, made when missing.
 """
 
+import gc
 import hashlib
 import json
 import math
@@ -40,9 +41,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
 from cli import arg, parse
+from files import read_json, replace_directory, write_atomically, write_json
 from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
-                   default_device, default_dtype, iter_checkpoint, read_json, write_atomically, write_hf_checkpoint,
-                   write_json)
+                   default_device, default_dtype, iter_checkpoint, write_hf_checkpoint)
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -160,6 +161,16 @@ def setup_processes():
         dist.init_process_group(backend, device_id=device_id)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+
+
+def shut_down_processes():
+    """The process group destroyed once nothing holds its work and every rank is done with it. gloo aborted
+    the process ("terminate called without an active exception") now and then when one rank tore its
+    connections down while another still used them (1 run in 12 of a 2-rank test without the barrier), and
+    once in a test whose sharded model was still alive at the destroy (hence the collection first)."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
@@ -510,7 +521,7 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
             "template": meta["template"], "inference_condition": meta["inference_condition"],
             "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_file": tok["file"],
             "tokenizer_sha256": tok["sha256"], "dataset": str(Path(cfg.data).resolve()), "step": step})
-        data.replace_directory(tmp, path)  # the old export moved aside, the new one in, then the old removed
+        replace_directory(tmp, path)  # the old export moved aside, the new one in, then the old removed
     dist.barrier()
 
 
@@ -811,11 +822,7 @@ def main(argv):
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    # Only after success (after an error another rank may be inside a collective and destroying would hang,
-    # as torchtitan found), and only once every rank is done: gloo aborted now and then when one rank tore
-    # its connections down while another still used them (1 run in 12 of a 2-rank test without the barrier).
-    dist.barrier()
-    dist.destroy_process_group()
+    shut_down_processes()  # only after success: after an error another rank may be inside a collective
 
 
 if __name__ == "__main__":

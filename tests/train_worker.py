@@ -185,5 +185,4 @@ if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     {"step": step_identity, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
      "state": sharded_state, "export": export_logits}[mode](*args)
-    dist.barrier()  # every rank's communication done before any tears its connections down
-    dist.destroy_process_group()
+    train.shut_down_processes()
