@@ -5,7 +5,7 @@ Read top to bottom:
   2. The blocks: RMSNorm, RoPE, attention (packed stream, padded batch, KV cache), SwiGLU MLP.
   3. Transformer: one forward for the three uses (training on packed streams, a padded batch, decoding),
      Hugging Face checkpoint I/O (safetensors only) and adding special tokens to the vocabulary.
-  4. The fused weighted cross-entropy: Σ w·CE without ever materialising the [N, V] logits.
+  4. The weighted loss Σ w·CE (METHOD.md §2): written plainly, then fused, never materialising the [N, V] logits.
   5. Hugging Face config.json and safetensors files.
 
 Parameter names are those of Hugging Face's LlamaForCausalLM without the "model." prefix, so loading a

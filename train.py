@@ -9,10 +9,10 @@ Read top to bottom:
   1. TrainConfig and the recipes (METHOD.md §6).
   2. Processes and the parallelism: checkpointing, compile, fully_shard per block, then the root.
   3. The model: from scratch, or from a Hugging Face base read a slice per rank, new token rows added.
-  4. The data: multipack plans, and the global weight sum of every optimizer step.
-  5. The step: Σ w·CE / Σ w over all ranks and micro-batches, exactly.
+  4. The data: multipack plans and packed batches.
+  5. The step: its Σ w (step_weight_sum), then Σ w·CE / Σ w over all ranks and micro-batches, exactly.
   6. Checkpoints (torch.distributed.checkpoint, resumable) and Hugging Face exports.
-  7. The loop: logging, faults, the end.
+  7. The loop: the run's plan, resuming, logging (Progress), faults, the end.
   8. The demo's data and base model, made when missing.
 """
 
