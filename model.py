@@ -501,7 +501,7 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
             ce[idx] = row_max + sum_exp.log() - target_logit  # CE = logsumexp(z) − z_y
             if not need_grad:
                 continue
-            # dCE/dz = softmax(z) − onehot(y); fold each token's head into its row before the products.
+            # dCE/dz = softmax(z) − onehot(y); fold each token's weight w into its row before the products.
             g = exp.mul_((w / sum_exp)[:, None])
             g[torch.arange(len(idx), device=g.device), y] -= w
             g = g.to(hidden.dtype)
