@@ -354,8 +354,10 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError("'seed' must be in [0, 2**63)", "seed")
     try:
         prompt = gen.prompt_ids(messages, body.get("condition"), system)
-    except ValueError as e:  # an unknown condition, a lone surrogate
-        raise RequestError(str(e), "condition" if "condition" in str(e) else "messages") from None
+    except data.BadInput as e:  # a lone surrogate in a message
+        raise RequestError(str(e), "messages") from None
+    except ValueError as e:  # a condition the model was not trained with
+        raise RequestError(str(e), "condition") from None
     if len(prompt) >= gen.model.config.max_seq_len:
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds {gen.model.config.max_seq_len}",
                            "messages")
