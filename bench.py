@@ -273,16 +273,13 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
         raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
     weight_of = train.conversation_weights(split)
     step = TRAIN_STEPS[impl](config, cfg, device, len(meta["sources"]))
-    for b in plan[:2]:
-        step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+
+    def run(steps):
+        for b in steps:
+            step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
+    run(plan[:2])  # warm-up
     reset_peak_memory(device.type)
-    start = time.perf_counter()
-    for b in plan[2:]:
-        step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
-    sync()
-    seconds = time.perf_counter() - start
+    seconds = timed(lambda: run(plan[2:]), device)
     lengths = np.concatenate([split.lengths[b] for b in plan[2:]])
     return lengths.sum() / seconds, train.step_flops(config, lengths) / seconds, peak_memory(device.type)
 
