@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
 from cli import arg, parse
-from files import read_json, replace_directory, write_atomically, write_json
+from files import read_json, replace_directory, write_json, write_text
 from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
                    default_device, default_dtype, iter_checkpoint, write_hf_checkpoint)
 
@@ -123,7 +123,7 @@ def load_config(argv) -> TrainConfig:
 # 2. Processes and parallelism
 
 
-def set_cpu_threads(threads: int) -> int:
+def set_cpu_threads(threads: int):
     """Threads for a CPU run. Every op waits for its slowest thread, so a thread on a core that another
     process keeps busy slows the whole step: on our 2 cores, beside one busy process, the demo ran 4,668
     tokens/s with 2 threads and 9,834 with 1 (16,762 with 2 on idle cores)."""
@@ -131,7 +131,6 @@ def set_cpu_threads(threads: int) -> int:
         threads = idle_cores()
     if threads:
         torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def idle_cores(seconds: float = 0.3) -> int:
@@ -426,7 +425,7 @@ def keep_metrics_up_to(path: Path, step: int):
     """On resuming from a checkpoint of `step`, the rows logged after it go (they are logged again)."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_atomically(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        write_text(path, "".join(r + "\n" for r in rows))
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
