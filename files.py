@@ -1,5 +1,6 @@
-"""Files written whole or not at all, and JSON read with the file named in its errors. Every stage writes
-through these: a crash, a full disk or Ctrl-C leaves the previous file or folder, never half of a new one."""
+"""Files written whole or not at all, and JSON read with the file named in its errors. Every stage
+writes through these: a crash, a full disk or Ctrl-C leaves the previous file or folder, never half
+of a new one."""
 
 import json
 import os
@@ -31,9 +32,23 @@ def read_json(path: Path):
         raise ValueError(f"{path}: line {e.lineno}: {e.msg}") from None
 
 
+def write_directory(target: Path, fill):
+    """fill(tmp) writes a whole folder beside target, which then takes target's place; if fill fails
+    (a full disk, Ctrl-C), the temporary folder goes and target is untouched."""
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_directory(new: Path, target: Path):
-    """A complete folder `new` takes target's place: an old target is moved aside first and removed after, so
-    a crash in between leaves one of the two whole."""
+    """A complete folder `new` takes target's place: an old target is moved aside first and removed
+    after, so a crash in between leaves one of the two whole."""
     old = target.with_name(f"{target.name}.old-{os.getpid()}")
     if target.exists():
         os.rename(target, old)

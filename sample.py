@@ -1,14 +1,15 @@
-"""Talk to a trained model: a chat in the terminal, one answer, a file of prompts, or an OpenAI-compatible
-HTTP endpoint. Prompts are built by data.py's tokenize_conversation in inference mode, the very template
-of training, at the checkpoint's inference condition (the expert's, METHOD.md §1) unless told otherwise.
+"""Talk to a trained model: a chat in the terminal, one answer, a file of prompts, or an
+OpenAI-compatible HTTP endpoint. Prompts are built by data.py's tokenize_conversation in inference
+mode, the very template of training, at the checkpoint's inference condition (the expert's,
+METHOD.md §1) unless told otherwise.
 
-  python sample.py --checkpoint runs/demo/exports/epoch-5                          # chat
+  python sample.py --checkpoint runs/demo/exports/epoch-5               # a chat
   python sample.py --checkpoint DIR --prompt "Sort these numbers from smallest to largest: 12 9 3"
   python sample.py --checkpoint DIR --input questions.jsonl --output answers.jsonl
-  python sample.py --checkpoint DIR --serve --port 8000                            # POST /v1/chat/completions
+  python sample.py --checkpoint DIR --serve --port 8000       # POST /v1/chat/completions
 
-Read top to bottom: the Generator (a loaded export, a static KV cache, batched decoding and sampling),
-then the four ways to use it.
+Read top to bottom: the Generator (a loaded export, a static KV cache, batched decoding and
+sampling), then the four ways to use it.
 """
 
 import json
@@ -26,25 +27,29 @@ from pathlib import Path
 import torch
 
 import data
-from cli import arg, parse
+from cli import Progress, arg, parse
 from files import read_json, write_atomically
 from model import Transformer, default_device, default_dtype
+from records import BadInput, Message, checked_utf8, read_records
+from tokenizer_files import check_tokenizer_file
 
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = arg("", "an export folder written by train.py (config.json, safetensors, crlft.json)")
-    data: str = arg("", "with a base model as --checkpoint (no crlft.json): the dataset it is to be fine-tuned on, "
-                        "whose tokenizer and template to prompt with")
-    condition: str = arg("", "condition of the answers; empty: the checkpoint's inference condition")
+    checkpoint: str = arg("", "an export folder written by train.py (config.json, safetensors, "
+                              "crlft.json)")
+    data: str = arg("", "with a base model as --checkpoint (no crlft.json): the dataset it is to "
+                        "be fine-tuned on, whose tokenizer and template to prompt with")
+    condition: str = arg("", "condition of the answers; empty: the checkpoint's inference one")
     system: str = arg("", "system prompt")
     temperature: float = arg(0.0, "sampling temperature; 0: greedy")
-    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    top_p: float = arg(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
     top_k: int = arg(0, "keep only the k most likely tokens (0: all)")
     max_new_tokens: int = arg(256, "longest answer in tokens")
     seed: int = arg(0, "seed of the sampling")
     prompt: str = arg("", "answer this one prompt and exit")
-    input: str = arg("", "JSONL of prompts ({\"prompt\"} or {\"messages\"}, optional \"condition\", \"system\")")
+    input: str = arg("", "JSONL of prompts ({\"prompt\"} or {\"messages\"}, optional "
+                         "\"condition\", \"system\")")
     output: str = arg("", "JSONL to write the answers to, with --input")
     batch_size: int = arg(32, "prompts decoded together with --input")
     serve: bool = arg(False, "serve the OpenAI chat completions API")
@@ -54,7 +59,7 @@ class SampleConfig:
     compile: bool = arg(False, "compile the one-token decoding step (CUDA graphs on a GPU)")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The generator
 
 
@@ -67,76 +72,90 @@ class Completion:
 
 
 class Generator:
-    """A model with its tokenizer and inference condition, and a static KV cache reused across calls."""
+    """A model with its tokenizer and inference condition, and a static KV cache reused across
+    calls."""
 
-    def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str, name: str,
-                 compile=False, conditions: list[str] | None = None):
+    def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str,
+                 name: str, compile=False, conditions: list[str] | None = None):
         if model.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer {tokenizer.vocab_size} "
-                             f"tokens")
-        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+            raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer "
+                             f"{tokenizer.vocab_size} tokens")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
         self.inference_condition = inference_condition
         self.conditions = conditions or [inference_condition]  # the ones the model was trained with
         self.device = next(model.parameters()).device
         self.cache_shape = (0, 0)
-        # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a CUDA graph.
-        self.decode = (torch.compile(model, mode="reduce-overhead" if self.device.type == "cuda" else None,
-                                     fullgraph=True) if compile else model)
+        # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a
+        # CUDA graph.
+        self.decode = model
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.decode = torch.compile(model, mode=mode, fullgraph=True)
 
     @classmethod
     def load(cls, checkpoint, device="auto", compile=False, dataset="") -> "Generator":
-        """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before fine-tuning
-        on `dataset`, prompted with that dataset's tokenizer and template, the template's new token rows at the
-        mean of the others as train.py starts them. bf16 on a GPU, float32 on a CPU."""
+        """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before
+        fine-tuning on `dataset`, prompted with that dataset's tokenizer and template, the
+        template's new token rows at the mean of the others as train.py starts them. bf16 on a GPU,
+        float32 on a CPU."""
         path = Path(checkpoint)
         if (path / "crlft.json").exists():
             meta = read_json(path / "crlft.json")
-            tokenizer = data.Tokenizer(path / meta["tokenizer_file"], meta["template"])
-            expected, condition = meta["tokenizer_sha256"], meta["inference_condition"]
-            conditions = meta["conditions"]
+            tokenizer_file, expected = path / meta["tokenizer_file"], meta["tokenizer_sha256"]
         elif dataset:
             meta = data.load_meta(dataset)
-            tokenizer = data.Tokenizer(Path(dataset) / meta["tokenizer"]["file"], meta["template"])
-            expected, condition = meta["tokenizer"]["sha256"], meta["inference_condition"]
-            conditions = meta["conditions"]
+            tokenizer_file = Path(dataset) / meta["tokenizer"]["file"]
+            expected = meta["tokenizer"]["sha256"]
         else:
-            raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base with --data")
-        data.check_tokenizer_file(tokenizer.path, expected, "the model was trained with")
+            raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base "
+                             f"with --data")
+        tokenizer = data.Tokenizer(tokenizer_file, meta["template"])
+        check_tokenizer_file(tokenizer.path, expected, "the model was trained with")
         device = default_device() if device == "auto" else torch.device(device)
         model = Transformer.from_pretrained(path, device=device, dtype=default_dtype(device))
         if model.config.vocab_size == tokenizer.base_vocab_size < tokenizer.vocab_size:
             model.extend_vocab(tokenizer.vocab_size)
-        return cls(model, tokenizer, condition, path.resolve().name, compile, conditions)
+        return cls(model, tokenizer, meta["inference_condition"], path.resolve().name, compile,
+                   meta["conditions"])
 
-    def prompt_ids(self, messages: list[data.Message], condition: str | None = None, system: str | None = None):
-        """The ids the model answers from: the training template up to the assistant prefix. A condition the
-        model never saw in training would prompt it with nonsense: refused."""
+    def prompt_ids(self, messages: list[Message], condition: str | None = None,
+                   system: str | None = None):
+        """The ids the model answers from: the training template up to the assistant prefix. A
+        condition the model never saw in training would prompt it with nonsense: refused."""
         condition = self.inference_condition if condition is None else condition
         if condition not in self.conditions:
             raise ValueError(f"unknown condition {condition!r}: the model was trained with "
                              f"{', '.join(map(repr, self.conditions))}")
         for text in [system or "", *(m.text for m in messages)]:
-            data.checked_utf8(text, "the prompt", "a message or the system prompt")  # a lone surrogate
-        return data.tokenize_conversation(self.tokenizer, messages, condition, system or None, inference=True)[0]
+            checked_utf8(text, "the prompt", "a message or the system prompt")  # a lone surrogate
+        ids, _ = data.tokenize_conversation(self.tokenizer, messages, condition, system or None,
+                                            inference=True)
+        return ids
 
     def ensure_cache(self, batch_size: int, length: int):
-        """A cache at least this large; kept while it is, so that compiled steps see the same buffers, and
-        grown in a few sizes only (powers of two, at least 256 positions, at most the context), so that a
-        compiled step meets few shapes and does not recompile for each longer prompt."""
+        """A cache at least this large; kept while it is, so that compiled steps see the same
+        buffers, and grown in a few sizes only (powers of two, at least 256 positions, at most the
+        context), so that a compiled step meets few shapes and does not recompile for each longer
+        prompt."""
         if batch_size > self.cache_shape[0] or length > self.cache_shape[1]:
-            self.cache_shape = (max(bucket(batch_size, 1), self.cache_shape[0]),
-                                max(min(bucket(length, 256), self.model.config.max_seq_len), self.cache_shape[1]))
+            rows = max(bucket(batch_size, 1), self.cache_shape[0])
+            positions = min(bucket(length, 256), self.model.config.max_seq_len)
+            self.cache_shape = (rows, max(positions, self.cache_shape[1]))
             self.model.setup_kv_cache(*self.cache_shape)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0,
-                 on_token=None) -> list[Completion]:
-        """Decodes the prompts together: one prefill of the right-padded batch, then one token per row per
-        step at that row's own position in the KV cache. on_token(row, token) is called as tokens come."""
+    def generate(self, prompts: list[list[int]], max_new_tokens=256, temperature=0.0, top_p=1.0,
+                 top_k=0, seed=0, on_token=None) -> list[Completion]:
+        """Decodes the prompts together: one prefill of the right-padded batch, then one token per
+        row per step at that row's own position in the KV cache. on_token(row, token) is called as
+        tokens come."""
         max_len = self.model.config.max_seq_len
         lengths = [len(p) for p in prompts]
         if max(lengths) >= max_len:
-            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the context of {max_len}")
+            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the context of "
+                             f"{max_len}")
         budget = [min(max_new_tokens, max_len - n) for n in lengths]
         self.ensure_cache(len(prompts), min(max_len, max(n + b for n, b in zip(lengths, budget))))
         # Prefill: the output head only at each prompt's last token. The padding's cache slots are
@@ -146,7 +165,8 @@ class Generator:
         positions = torch.tensor(lengths, device=self.device)
         last = self.model.logits(hidden[rows, positions - 1])
         generator = torch.Generator(self.device).manual_seed(seed)
-        outputs, finished = [[] for _ in prompts], [False] * len(prompts)
+        outputs = [[] for _ in prompts]
+        finished = [False] * len(prompts)
         for _ in range(max(budget)):
             tokens = sample(last, temperature, top_p, top_k, generator)
             for row, token in enumerate(tokens.tolist()):
@@ -162,9 +182,10 @@ class Generator:
             if all(finished):
                 break
             last = self.decode(tokens[:, None], positions=positions[:, None])[:, 0]
-            # A row that has finished keeps decoding alongside, into its last cache slot, its output unused.
+            # A finished row decodes alongside, into its last cache slot, its output unused.
             positions = (positions + 1).clamp(max=self.cache_shape[1] - 1)
-        return [Completion(out, self.tokenizer.decode(out).strip(), "length" if len(out) >= b else "stop", n)
+        return [Completion(out, self.tokenizer.decode(out).strip(),
+                           "length" if len(out) >= b else "stop", n)
                 for out, b, n in zip(outputs, budget, lengths)]
 
 
@@ -185,8 +206,8 @@ def right_padded(sequences: list[list[int]], device) -> torch.Tensor:
 
 
 def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """The next token of each row from its logits [B, V]: argmax at temperature 0, otherwise a draw from
-    the tempered distribution cut to the top_k tokens and to the top_p probability mass."""
+    """The next token of each row from its logits [B, V]: argmax at temperature 0, otherwise a draw
+    from the tempered distribution cut to the top_k tokens and to the top_p probability mass."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -201,13 +222,14 @@ def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Chat, one prompt, a file of prompts
 
 
 def chat(gen: Generator, cfg: SampleConfig):
     condition = cfg.condition or gen.inference_condition
-    print(f"{gen.name}, condition {condition!r}. An empty line or Ctrl-D ends; /reset forgets the conversation.")
+    print(f"{gen.name}, condition {condition!r}. An empty line or Ctrl-D ends; /reset forgets the "
+          f"conversation.")
     history = []
     while True:
         try:
@@ -219,42 +241,47 @@ def chat(gen: Generator, cfg: SampleConfig):
         if line == "/reset":
             history = []
             continue
-        history.append(data.Message("user", line))
+        history.append(Message("user", line))
         history, prompt = fit_history(gen, history, condition, cfg)
         if prompt is None:
             print("(that message alone is longer than the model's context: not sent)")
             continue
         print("model> ", end="", flush=True)
-        [reply] = generate_for(gen, cfg, [prompt],
-                               on_token=TextStream(gen.tokenizer, lambda text: print(text, end="", flush=True)))
+        stream = TextStream(gen.tokenizer, lambda text: print(text, end="", flush=True))
+        [reply] = generate_for(gen, cfg, [prompt], on_token=stream)
         print()
-        history.append(data.Message("assistant", reply.text))
+        history.append(Message("assistant", reply.text))
 
 
-def fit_history(gen: Generator, history: list[data.Message], condition: str, cfg: SampleConfig):
-    """(history, prompt ids), the oldest exchanges dropped, and said so, until the prompt leaves room for an
-    answer (--max-new-tokens, or half the context if that is less); (history without its last message, None)
-    when the last message alone does not fit."""
+def fit_history(gen: Generator, history: list[Message], condition: str, cfg: SampleConfig):
+    """(history, prompt ids), the oldest exchanges dropped, and said so, until the prompt leaves
+    room for an answer (--max-new-tokens, or half the context if that is less); (history without
+    its last message, None) when the last message alone does not fit."""
     context = gen.model.config.max_seq_len
     prompt = gen.prompt_ids(history, condition, cfg.system)
     dropped = 0
     while len(prompt) + min(cfg.max_new_tokens, context // 2) > context and len(history) > 1:
-        history, dropped = history[2:], dropped + 1
+        history = history[2:]
+        dropped += 1
         prompt = gen.prompt_ids(history, condition, cfg.system)
     if dropped:
-        print(f"(the conversation outgrew the model's context of {context} tokens: its {dropped} oldest "
-              f"exchange{'s' if dropped > 1 else ''} forgotten)")
+        print(f"(the conversation outgrew the model's context of {context} tokens: its {dropped} "
+              f"oldest exchange{'s' if dropped > 1 else ''} forgotten)")
     if len(prompt) >= context:
         return history[:-1], None
     return history, prompt
 
 
 class TextStream:
-    """on_token for one reply: decodes the tokens so far and hands on the new text, whole characters only
-    (SentencePiece pieces can end inside a character or carry its leading space)."""
+    """on_token for one reply: decodes the tokens so far and hands on the new text, whole
+    characters only (SentencePiece pieces can end inside a character or carry its leading space).
+    """
 
     def __init__(self, tokenizer: data.Tokenizer, emit):
-        self.tokenizer, self.emit, self.tokens, self.sent = tokenizer, emit, [], ""
+        self.tokenizer = tokenizer
+        self.emit = emit
+        self.tokens = []
+        self.sent = ""
 
     def __call__(self, _row, token):
         self.tokens.append(token)
@@ -265,72 +292,78 @@ class TextStream:
 
 
 def generate_for(gen: Generator, cfg: SampleConfig, prompts, on_token=None):
-    return gen.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, on_token)
+    return gen.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
+                        cfg.seed, on_token)
 
 
 def read_prompts(path: Path):
-    """Each line {"prompt": str} or {"messages": [{"role", "content"}]}, with optional "condition", "system"."""
+    """(record, messages, system) of each record {"prompt": str} or {"messages": [{"role",
+    "content"}]}, with optional "condition" and "system"; a bad one names its file and line."""
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for item, where in read_records(path):
+        if isinstance(item, BadInput):
+            raise item
         try:
-            item = json.loads(line)
-            messages = parse_messages(item["messages"]) if "messages" in item else (
-                [data.Message("user", item["prompt"])], None)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{n}: {e}") from None
-        items.append((item, *messages))
+            if "messages" in item:
+                messages, system = parse_messages(item["messages"])
+            else:
+                messages, system = [Message("user", item["prompt"])], None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        items.append((item, messages, system))
     return items
 
 
 def batch_file(gen: Generator, cfg: SampleConfig):
     items = read_prompts(Path(cfg.input))
-    results, start = [], time.perf_counter()
+    results = []
+    progress = Progress("prompts", len(items))
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i:i + cfg.batch_size]
-        prompts = [gen.prompt_ids(messages, item.get("condition", cfg.condition or None), item.get("system", system))
-                   for item, messages, system in chunk]
+        prompts = [gen.prompt_ids(messages, item.get("condition", cfg.condition or None),
+                                  item.get("system", system)) for item, messages, system in chunk]
         for (item, _, _), done in zip(chunk, generate_for(gen, cfg, prompts)):
             results.append({**item, "answer": done.text, "finish_reason": done.finish_reason})
-        print(f"{len(results)}/{len(items)} prompts, {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    write_atomically(Path(cfg.output), lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in results)))
+        progress.update(len(chunk))
+    text = "".join(json.dumps(r) + "\n" for r in results)
+    write_atomically(Path(cfg.output), lambda tmp: tmp.write_text(text))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The OpenAI-compatible endpoint
 
 
 class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param = param
+        self.status = status
 
 
-def parse_messages(messages) -> tuple[list[data.Message], str | None]:
+def parse_messages(messages) -> tuple[list[Message], str | None]:
     """OpenAI chat messages → (user and assistant turns ending with a user turn, system prompt)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
     system, turns = None, []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise RequestError(f"messages[{i}] needs a role (system, user, assistant) and a string content",
-                               "messages")
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str)
+                and m.get("role") in ("system", "user", "assistant")):
+            raise RequestError(f"messages[{i}] needs a role (system, user, assistant) and a string "
+                               f"content", "messages")
         if m["role"] == "system":
             if i:
                 raise RequestError("a system message must come first", "messages")
             system = m["content"]
         else:
-            turns.append(data.Message(m["role"], m["content"]))
+            turns.append(Message(m["role"], m["content"]))
     if not turns or turns[-1].role != "user":
         raise RequestError("the last message must be the user's", "messages")
     return turns, system
 
 
 REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int,
-                  "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int, "stream": bool,
-                  "condition": str, "n": int}
+                  "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
+                  "stream": bool, "condition": str, "n": int}
 
 
 def check_request(body, gen: Generator) -> dict:
@@ -339,7 +372,8 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError("the request body must be a JSON object")
     for key, kind in REQUEST_FIELDS.items():
         value = body.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+        wrong_bool = isinstance(value, bool) and kind is not bool
+        if value is not None and (not isinstance(value, kind) or wrong_bool):
             raise RequestError(f"'{key}' has the wrong type", key)
     messages, system = parse_messages(body.get("messages"))
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
@@ -347,35 +381,39 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError("'max_tokens' must be positive", "max_tokens")
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", "n")
-    temperature, top_p, top_k = body.get("temperature", 0), body.get("top_p", 1), body.get("top_k", 0)
-    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):  # NaN fails every comparison
+    temperature = body.get("temperature", 0)
+    top_p = body.get("top_p", 1)
+    top_k = body.get("top_k", 0)
+    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):  # NaN fails them all
         raise RequestError("temperature must be finite and >= 0, top_p in (0, 1], top_k >= 0")
     if not 0 <= body.get("seed", 0) < 2**63:
         raise RequestError("'seed' must be in [0, 2**63)", "seed")
     try:
         prompt = gen.prompt_ids(messages, body.get("condition"), system)
-    except data.BadInput as e:  # a lone surrogate in a message
+    except BadInput as e:  # a lone surrogate in a message
         raise RequestError(str(e), "messages") from None
     except ValueError as e:  # a condition the model was not trained with
         raise RequestError(str(e), "condition") from None
     if len(prompt) >= gen.model.config.max_seq_len:
-        raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds {gen.model.config.max_seq_len}",
-                           "messages")
-    return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=body.get("seed", 0), stream=body.get("stream", False))
+        raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds "
+                           f"{gen.model.config.max_seq_len}", "messages")
+    return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                top_k=top_k, seed=body.get("seed", 0), stream=body.get("stream", False))
 
 
-MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger body is refused before it is read
+MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger one is refused unread
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]), whatever
-    is wrong with it, and the server goes on serving. make_server binds a Generator and its worker thread."""
+    """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]),
+    whatever is wrong with it, and the server goes on serving. make_server binds a Generator and
+    its worker thread."""
     gen: Generator
     worker: ThreadPoolExecutor
     protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.1"  # a garbled request line gets a status line too, not HTTP/0.9's none
-    timeout = 60  # seconds a connection may stay silent: an idle or stalled client does not hold a thread
+    # A garbled request line gets a status line too (HTTP/0.9 has none).
+    default_request_version = "HTTP/1.1"
+    timeout = 60  # seconds a connection may stay silent: an idle client does not hold a thread
     routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
 
     def route(self):
@@ -383,8 +421,9 @@ class Handler(BaseHTTPRequestHandler):
         if path not in self.routes:
             return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
         if self.command != self.routes[path]:
-            return self.send_json(405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
-                                  {"Allow": self.routes[path]})
+            return self.send_json(
+                405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
+                {"Allow": self.routes[path]})
         self.answered = False
         try:
             self.list_models() if path == "/v1/models" else self.chat_completion()
@@ -403,8 +442,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def chat_completion(self):
         request = check_request(self.read_json_body(), self.gen)
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        settings = {k: request[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        settings = {k: request[k]
+                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
         if request["stream"]:
             return self.stream(request["prompt"], settings, reply_id, created)
         [done] = self.worker.submit(self.gen.generate, [request["prompt"]], **settings).result()
@@ -422,38 +463,44 @@ class Handler(BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]+", length):
             raise RequestError(f"Content-Length {length!r} is not a number of bytes")
         if int(length) > MAX_BODY:
-            raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}", status=413)
+            raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}",
+                               status=413)
         try:
             raw = self.rfile.read(int(length))
         except TimeoutError:
-            raise RequestError(f"the body did not arrive within {self.timeout} s", status=408) from None
+            raise RequestError(f"the body did not arrive within {self.timeout} s",
+                               status=408) from None
         try:
             return json.loads(raw)  # bytes: invalid UTF-8 raises too
         except (ValueError, RecursionError) as e:
             raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
 
     def stream(self, prompt, settings, reply_id, created):
-        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE]; a
-        generation that fails ends with an error event, then [DONE]."""
+        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE];
+        a generation that fails ends with an error event, then [DONE]."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
-        self.answered, self.close_connection = True, True
+        self.answered = True
+        self.close_connection = True
 
         def send(payload: dict):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
         def event(delta, finish_reason=None):
-            send({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": self.gen.name,
+            send({"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                  "model": self.gen.name,
                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
 
         event({"role": "assistant", "content": ""})
         streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}))
         try:
-            [done] = self.worker.submit(self.gen.generate, [prompt], on_token=streamed, **settings).result()
+            generation = self.worker.submit(self.gen.generate, [prompt], on_token=streamed,
+                                            **settings)
+            [done] = generation.result()
             if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
                 event({"content": done.text[len(streamed.sent):]})
             event({}, done.finish_reason)
@@ -472,11 +519,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
         self.answered = True
-        # After a refusal the request's body may be unread: the connection cannot carry another request.
+        # After a refusal the body may be unread: the connection cannot carry another request.
         self.close_connection |= status >= 400
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own answers (a malformed request line, headers too long, HEAD) in JSON too."""
+        """http.server's own answers (a bad request line, headers too long, HEAD), in JSON too."""
         self.send_json(code, error_body(message or HTTPStatus(code).phrase))
 
     def log_message(self, format, *args):
@@ -488,15 +535,16 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
-    """A thread per connection, and one thread that runs every generation, so concurrent requests wait their
-    turn and the model is only ever run from that thread: CUDA graphs recorded by --compile (reduce-overhead)
-    belong to the thread that recorded them, and a thread per request would record them again each time."""
+    """A thread per connection, and one thread that runs every generation, so concurrent requests
+    wait their turn and the model is only ever run from that thread: CUDA graphs recorded by
+    --compile (reduce-overhead) belong to the thread that recorded them, and a thread per request
+    would record them again each time."""
     bound = type("Handler", (Handler,), {"gen": gen, "worker": ThreadPoolExecutor(max_workers=1)})
     return Server((host, port), bound)
 
 
 class Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the listen backlog (socketserver's default, 5, makes a burst of clients wait)
+    request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of clients wait)
 
 
 def main(argv):
@@ -505,21 +553,22 @@ def main(argv):
         raise SystemExit("--checkpoint is required: an export folder written by train.py")
     try:
         gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
-        gen.prompt_ids([], cfg.condition or None)  # an unknown --condition is refused before anything runs
+        gen.prompt_ids([], cfg.condition or None)  # an unknown --condition is refused first
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     torch.manual_seed(cfg.seed)
     if cfg.serve:
         server = make_server(gen, cfg.host, cfg.port)
-        print(f"serving {gen.name} on http://{cfg.host}:{server.server_port}/v1/chat/completions", flush=True)
+        print(f"serving {gen.name} on "
+              f"http://{cfg.host}:{server.server_port}/v1/chat/completions", flush=True)
         server.serve_forever()
     elif cfg.input:
         if not cfg.output:
             raise SystemExit("--input needs --output")
         batch_file(gen, cfg)
     elif cfg.prompt:
-        [done] = generate_for(gen, cfg, [gen.prompt_ids([data.Message("user", cfg.prompt)], cfg.condition or None,
-                                                         cfg.system)])
+        prompt = gen.prompt_ids([Message("user", cfg.prompt)], cfg.condition or None, cfg.system)
+        [done] = generate_for(gen, cfg, [prompt])
         print(done.text)
     else:
         chat(gen, cfg)

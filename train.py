@@ -1,19 +1,19 @@
-"""C-RLFT training: packed conversations and the fused weighted loss, normalised over the whole optimizer
-step (METHOD.md §2), under FSDP2. One code path for one process and for torchrun.
+"""C-RLFT training: packed conversations and the fused weighted loss, normalised over the whole
+optimizer step (METHOD.md §4), under FSDP2. One code path for one process and for torchrun.
 
-  python train.py                       # the demo on CPU: data/demo and the demo's base if missing, then C-RLFT
   torchrun --nproc_per_node=8 train.py --preset=openchat-13b --base=Llama-2-13b-hf --data=data/mine
-  python train.py --help                # every option, with its default (a preset's values when given)
+  python train.py            # the demo's C-RLFT run (`python demo.py` makes its data and base)
+  python train.py --help     # every option, with its default (a preset's values when given)
 
 Read top to bottom:
-  1. TrainConfig and the recipes (METHOD.md §6).
+  1. TrainConfig and the recipes (METHOD.md §7).
   2. Processes and the parallelism: checkpointing, compile, fully_shard per block, then the root.
-  3. The model: from scratch, or from a Hugging Face base read a slice per rank, new token rows added.
+  3. The model: from scratch, or from a Hugging Face base read a slice per rank, new rows added.
   4. The data: multipack plans and packed batches.
-  5. The step: its Σ w (step_weight_sum), then Σ w·CE / Σ w over all ranks and micro-batches, exactly.
+  5. The step: its Σ w (step_weight_sum), then Σ w·CE / Σ w over every rank and micro-batch,
+     exactly (forward_backward): the method's third hop.
   6. Checkpoints (torch.distributed.checkpoint, resumable) and Hugging Face exports.
-  7. The loop: the run's plan, resuming, logging (Progress), faults, the end.
-  8. The demo's data and base model, made when missing.
+  7. The loop: the run's plan, resuming, the log rows, faults, the end.
 """
 
 import gc
@@ -23,10 +23,8 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,206 +40,189 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 from cli import arg, parse
 from files import read_json, replace_directory, write_json, write_text
-from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name, config_from_hf,
-                   default_device, default_dtype, iter_checkpoint, write_hf_checkpoint)
+from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name,
+                   config_from_hf, default_device, default_dtype, iter_checkpoint,
+                   write_hf_checkpoint)
+from runtime import set_cpu_threads, silence_expected_warnings
+from tokenizer_files import check_tokenizer_file
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Configuration
 
 
 @dataclass
 class TrainConfig:
-    preset: str = arg("demo", "recipe whose values become the defaults of the other flags (train.py RECIPES)")
-    data: str = arg("data/demo/dataset", "dataset directory made by `python data.py prepare`")
-    base: str = arg("", "Hugging Face folder of the base model; empty: train from scratch with --model (the "
-                        "demo preset: the demo's base, made when missing)")
+    preset: str = arg("demo", "recipe whose values become the other flags' defaults (RECIPES)")
+    data: str = arg("", "dataset directory made by `python data.py prepare`")
+    base: str = arg("", "Hugging Face folder of the base model; empty: from scratch, with --model")
     model: str = arg("demo", "model shape when training from scratch (model.py MODELS)")
     out: str = arg("runs/demo", "run directory: metrics.jsonl, checkpoints/, exports/")
     epochs: int = arg(5, "passes over the data")
-    max_steps: int = arg(0, "stop after this many optimizer steps in all (0: run every epoch)")
+    max_steps: int = arg(0, "stop after this many optimizer steps in all (0: every epoch)")
     batch_max_len: int = arg(4096, "tokens in one packed stream: one rank's micro-batch")
     grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
-    lr: float = arg(1.5e-3, "peak learning rate; 0: METHOD.md §6's rule 3e-4 * sqrt(S / 4e6) * lr_scale, S the "
-                         "supervised tokens per optimizer step")
-    lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 Mistral, 1/5.3 Llama-3)")
+    lr: float = arg(1.5e-3, "peak learning rate; 0: METHOD.md §7's rule 3e-4 * sqrt(S / 4e6) * "
+                            "lr_scale, S the supervised tokens per optimizer step")
+    lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 "
+                               "Mistral, 1/5.3 Llama-3)")
     warmup: float = arg(0.05, "fraction of the steps with a linear warm-up")
     min_lr: float = arg(0.1, "the cosine ends at this fraction of the peak learning rate")
-    weight_decay: float = arg(0.1, "AdamW weight decay (matrices and embeddings; not the norm gains)")
+    weight_decay: float = arg(0.1, "AdamW weight decay (matrices and embeddings, not norm gains)")
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
     eps: float = arg(1e-5, "AdamW epsilon")
     grad_clip: float = arg(1.0, "gradient norm clip (0: none)")
-    dtype: str = arg("auto", "compute dtype: bfloat16 or float32; auto: bfloat16 on GPU, float32 on CPU")
+    dtype: str = arg("auto", "compute dtype: bfloat16 or float32; auto: bfloat16 on a GPU, float32 "
+                             "on a CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
     compile: bool = arg(False, "torch.compile each block")
-    vocab_multiple: int = arg(0, "embedding and output-head rows in memory: the vocabulary rounded up to a multiple "
-                                 "of this (aligned matmuls; exports keep the vocabulary's size); 0: 64 on a GPU, "
-                                 "1 on a CPU")
-    threads: int = arg(0, "CPU threads per process; 0: $OMP_NUM_THREADS if set (torchrun sets 1), else the cores "
-                          "idle at start (a core another process keeps busy would make every step wait for it)")
+    vocab_multiple: int = arg(0, "embedding and output-head rows in memory: the vocabulary rounded "
+                                 "up to a multiple of this (aligned matmuls; exports keep the "
+                                 "vocabulary's size); 0: 64 on a GPU, 1 on a CPU")
+    threads: int = arg(0, "CPU threads per process; 0: $OMP_NUM_THREADS if set (torchrun sets 1), "
+                          "else the cores idle at start")
     seed: int = arg(0, "seed of the initialisation and of the packing shuffles")
     log_every: int = arg(10, "optimizer steps between log rows")
-    save_every: int = arg(0, "optimizer steps between resumable checkpoints (0: at each epoch's end only)")
+    save_every: int = arg(0, "optimizer steps between resumable checkpoints (0: at each epoch's "
+                             "end only)")
     keep_last: int = arg(0, "keep only the newest K resumable checkpoints (0: keep all)")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --out")
     export_dtype: str = arg("bfloat16", "dtype of the Hugging Face exports")
 
 
-DEMO_BASE = "runs/demo-base/exports/epoch-1"
 RECIPES = {
-    # The sorting demo on a CPU, base included in under 5 minutes: the field defaults, from the demo's base.
-    "demo": dict(base=DEMO_BASE),
-    # The demo's base model: this same code as a plain language model (every token weight 1, no template)
-    # for one pass over the demo's base corpus (demo.py). `python train.py` makes it when it is missing.
-    "demo-base": dict(data="data/demo/base-corpus", out="runs/demo-base", epochs=1, lr=3e-3, log_every=50),
-    # The paper's model (METHOD.md §6): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5 epochs,
-    # AdamW (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0, 5% warm-up and cosine to 10%, automatic lr.
-    "openchat-13b": dict(data="", model="Llama-2-13B", out="runs/openchat-13b", epochs=5, batch_max_len=32768,
-                         lr=0.0, activation_checkpointing=True, log_every=1),
+    # The demo's C-RLFT run on a CPU (python demo.py makes its data and base): the field defaults.
+    "demo": dict(data="data/demo/dataset", base="runs/demo-base/exports/epoch-1"),
+    # The paper's model (METHOD.md §7): Llama-2-13B, 8 GPUs × 32,768 packed tokens (8 × 4096), 5
+    # epochs, AdamW (0.9, 0.95), eps 1e-5, wd 0.1, clip 1.0, 5% warm-up, cosine to 10%, automatic
+    # lr.
+    "openchat-13b": dict(model="Llama-2-13B", out="runs/openchat-13b", batch_max_len=32768, lr=0.0,
+                         activation_checkpointing=True, log_every=1),
     # OpenChat 3.5 on Mistral-7B: the same recipe, the automatic learning rate divided by 6.
-    "mistral-7b": dict(data="", model="Mistral-7B", out="runs/mistral-7b", epochs=5, batch_max_len=32768,
-                       lr=0.0, lr_scale=1 / 6, activation_checkpointing=True, log_every=1),
-    # OpenChat 3.6 on Llama-3-8B (data prepared with --template=openchat_3.6): the automatic rate divided by 5.3.
-    "llama-3-8b": dict(data="", model="Llama-3-8B", out="runs/llama-3-8b", epochs=5, batch_max_len=32768,
-                       lr=0.0, lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
+    "mistral-7b": dict(model="Mistral-7B", out="runs/mistral-7b", batch_max_len=32768, lr=0.0,
+                       lr_scale=1 / 6, activation_checkpointing=True, log_every=1),
+    # OpenChat 3.6 on Llama-3-8B (data prepared with --template=openchat_3.6): divided by 5.3.
+    "llama-3-8b": dict(model="Llama-3-8B", out="runs/llama-3-8b", batch_max_len=32768, lr=0.0,
+                       lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
 }
 
 
 def load_config(argv) -> TrainConfig:
-    """--preset first, then every other flag over the preset's values. The demo's base goes with the demo's
-    data: other --data without a --base starts from scratch."""
+    """--preset first, then every other flag over the preset's values."""
     preset = parse(TrainConfig, argv, __doc__).preset
     if preset not in RECIPES:
         raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(RECIPES)}")
-    cfg = parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **RECIPES[preset]))
-    if cfg.base == DEMO_BASE and cfg.data != TrainConfig.data and not any(a.startswith("--base") for a in argv):
-        cfg = replace(cfg, base="")
-    return cfg
+    return parse(TrainConfig, argv, __doc__, defaults=replace(TrainConfig(), **RECIPES[preset]))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Processes and parallelism
 
 
-def set_cpu_threads(threads: int):
-    """Threads for a CPU run. Every op waits for its slowest thread, so a thread on a core that another
-    process keeps busy slows the whole step: on our 2 cores, beside one busy process, the demo ran 4,668
-    tokens/s with 2 threads and 9,834 with 1 (16,762 with 2 on idle cores)."""
-    if not threads and "OMP_NUM_THREADS" not in os.environ:
-        threads = idle_cores()
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def idle_cores(seconds: float = 0.3) -> int:
-    """The cores of this machine left idle by other processes over a short look at /proc/stat (Linux), at
-    least 1 and at most the cores this process may use."""
-    def idle_and_total():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
-    idle, total = idle_and_total()
-    time.sleep(seconds)
-    idle2, total2 = idle_and_total()
-    idle_share = (idle2 - idle) / max(1, total2 - total)
-    return max(1, min(len(os.sched_getaffinity(0)), round(idle_share * os.cpu_count())))
-
-
 def setup_processes():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one, with a
-    process group all the same, so that one code path (FSDP2) serves both. NCCL on CUDA, gloo on CPU."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one,
+    with a process group all the same, so that one code path (FSDP2) serves both. NCCL on CUDA,
+    gloo on CPU."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = default_device()
     backend = "nccl" if cuda else "gloo"
-    # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, on every barrier).
-    device_id = device if cuda else None
+    # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, at every barrier)
+    device_id = default_device() if cuda else None
     if "RANK" in os.environ:
         dist.init_process_group(backend, device_id=device_id)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device_id)
 
 
 def shut_down_processes():
-    """The process group destroyed once nothing holds its work and every rank is done with it. gloo aborted
-    the process ("terminate called without an active exception") now and then when one rank tore its
-    connections down while another still used them (1 run in 12 of a 2-rank test without the barrier), and
-    once in a test whose sharded model was still alive at the destroy (hence the collection first)."""
+    """The process group destroyed once nothing holds its work and every rank is done with it. gloo
+    aborted the process ("terminate called without an active exception") now and then when one rank
+    tore its connections down while another still used them (1 run in 12 of a 2-rank test without
+    the barrier), and once in a test whose sharded model was still alive at the destroy (hence the
+    collection first)."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
 
 def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
-    """In a fixed order, as torchtitan: activation checkpointing, per-block compile, fully_shard per block,
-    then the root (embeddings, final norm, output head). Parameters, gradients' reduction and the optimizer
-    state stay float32 and sharded; forward and backward compute in compute_dtype."""
-    # cast_forward_inputs=False: FSDP2 would otherwise cast the root's floating inputs, the token weights, to
-    # the compute dtype (0.1 → 0.10009765625 in bf16), and the loss would no longer be Σ w·CE / Σ w. The blocks'
-    # inputs are in the compute dtype already (the embedding's output).
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    """In a fixed order, as torchtitan: activation checkpointing, per-block compile, fully_shard per
+    block, then the root (embeddings, final norm, output head). Parameters, gradients' reduction and
+    the optimizer state stay float32 and sharded; forward and backward compute in compute_dtype."""
+    # cast_forward_inputs=False: FSDP2 would otherwise cast the root's floating inputs, the target
+    # weights, to the compute dtype (0.1 → 0.10009765625 in bf16), and the loss would no longer be
+    # Σ w·CE / Σ w. The blocks' inputs are in the compute dtype already (the embedding's output).
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in model.layers:
         if cfg.activation_checkpointing:
-            activation_checkpoint(block)  # the composable form: parameter names stay those of the checkpoint
+            activation_checkpoint(block)  # the composable form keeps the checkpoint's names
         if cfg.compile:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global weight
-    # sum, so the ranks' gradients must be summed to give ∇L (METHOD.md §2). A plain SUM (gloo has no PreMulSum).
+    # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global
+    # weight sum, so the ranks' gradients must be summed to give ∇L (METHOD.md §4). A plain SUM
+    # (gloo has no PreMulSum).
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. The model
 
 
 def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Transformer:
-    """From scratch: initialised whole on every rank with the same seed (small models: the demo), then
-    sharded. From a base: built on the meta device, sharded, and each rank reads its own rows of every
-    tensor (a 13B base is read once per node, not once per rank); the template's new tokens get rows
-    that start as the mean of the base's rows (METHOD.md §3)."""
+    """From scratch: initialised whole on every rank with the same seed (small models: the demo),
+    then sharded. From a base: built on the meta device, sharded, and each rank reads its own rows
+    of every tensor (a 13B base is read once per node, not once per rank); the template's new
+    tokens get rows that start as the mean of the base's rows (METHOD.md §2)."""
     vocab = dict(vocab_size=meta["tokenizer"]["vocab_size"],
                  vocab_multiple=cfg.vocab_multiple or (64 if device.type == "cuda" else 1))
     if not cfg.base:
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.from_name(cfg.model, **vocab))
-        parallelize(model, mesh, cfg, compute_dtype)  # fully_shard moves each rank's shard to the device
+        parallelize(model, mesh, cfg, compute_dtype)  # fully_shard moves each shard to the device
         return model
     base = Path(cfg.base)
     config = config_from_hf(read_json(base / "config.json"), base / "config.json")
-    base_rows = check_base_matches_tokenizer(base, config, meta)
+    check_base_matches_tokenizer(base, config, meta)
     with torch.device("meta"):
         model = Transformer(replace(config, **vocab))
-    # A tied output head is the embedding itself: one parameter of the root's FSDP group, its gradient the
-    # sum of both uses. fully_shard and to_empty keep the tie (FSDP2 swaps parameters in place).
+    # A tied output head is the embedding itself: one parameter of the root's FSDP group, its
+    # gradient the sum of both uses. fully_shard and to_empty keep the tie (FSDP2 swaps parameters
+    # in place).
     parallelize(model, mesh, cfg, compute_dtype)
     model.to_empty(device=device)
-    load_base_rows(model, base, base_rows)
+    load_base_rows(model, base, config.vocab_size)
     return model
 
 
-def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict) -> int:
+def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict):
     tok = meta["tokenizer"]
     if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]):
-        raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's tokenizer has "
-                         f"{tok['base_vocab_size']} pieces (+{len(tok['special_tokens'])} special): prepare the "
-                         f"data with the base model's {tok['file']}")
+        raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's "
+                         f"tokenizer has {tok['base_vocab_size']} pieces "
+                         f"(+{len(tok['special_tokens'])} special): give --base the dataset's "
+                         f"base, or prepare the data with this base's {tok['file']}")
     base_tokenizer = base / tok["file"]
     if base_tokenizer.exists():
-        data.check_tokenizer_file(base_tokenizer, tok["sha256"], "the dataset was made with",
-                                  ": prepare the data with the base's own")
-    return config.vocab_size
+        check_tokenizer_file(base_tokenizer, tok["sha256"], "the dataset was made with",
+                             ": prepare the data with the base's own")
 
 
 def shard_rows(param) -> tuple[int, int]:
-    """The global rows [start, stop) of dim 0 that this rank holds of an FSDP2 parameter (torch.chunk)."""
-    rows, world, rank = param.shape[0], param.device_mesh.size(), param.device_mesh.get_local_rank()
-    chunk = -(-rows // world)
-    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    """The global rows [start, stop) of dim 0 that this rank holds of an FSDP2 parameter (as
+    torch.chunk splits them)."""
+    rows = param.shape[0]
+    chunk = -(-rows // param.device_mesh.size())
+    rank = param.device_mesh.get_local_rank()
+    start = min(rank * chunk, rows)
+    stop = min((rank + 1) * chunk, rows)
     held = param.to_local().shape[0]
     if stop - start != held:
         raise RuntimeError(f"unexpected FSDP sharding: {stop - start} rows computed, {held} held")
@@ -250,10 +231,13 @@ def shard_rows(param) -> tuple[int, int]:
 
 @torch.no_grad()
 def load_base_rows(model: Transformer, base: Path, base_rows: int):
+    """Each rank copies its own rows of every tensor; rows past base_rows (new tokens) start at the
+    mean of the base's rows."""
     params = dict(model.named_parameters())
-    shapes, loaded = {n: p.shape for n, p in params.items()}, set()
+    shapes = {n: p.shape for n, p in params.items()}
+    loaded = set()
     for file, hf_name, f in iter_checkpoint(base):
-        name = checked_parameter_name(file, hf_name, f, shapes, model.config, rows=base_rows)
+        name = checked_parameter_name(file, hf_name, f, shapes, model.config, vocab_rows=base_rows)
         if name is None:
             continue
         start, stop = shard_rows(params[name])
@@ -262,17 +246,16 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int):
             params[name].to_local()[:stop_read - start].copy_(f.get_slice(hf_name)[start:stop_read])
         loaded.add(name)
     check_all_loaded(base, params, loaded)
-    for name in [n for n in ("embed_tokens.weight", "lm_head.weight") if n in params]:  # one name when tied
-        param = params[name]
-        start, stop = shard_rows(param)
-        local = param.to_local()
+    for name in [n for n in ("embed_tokens.weight", "lm_head.weight") if n in params]:  # tied: one
+        start, stop = shard_rows(params[name])
+        local = params[name].to_local()
         total = local[:max(0, min(stop, base_rows) - start)].sum(0, dtype=torch.float64)
         dist.all_reduce(total)  # the sum of the base's rows over all ranks
         for row in range(max(start, base_rows), stop):
             local[row - start] = (total / base_rows).to(local.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. The data
 
 
@@ -284,9 +267,9 @@ class Batch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     targets: torch.Tensor
-    weights: torch.Tensor
+    target_weights: torch.Tensor
     classes: torch.Tensor
-    supervised: torch.Tensor  # indices of the tokens with weight ≠ 0: the loss needs no host sync to find them
+    supervised: torch.Tensor  # the tokens with w ≠ 0: the loss needs no host sync to find them
 
 
 def load_data(path) -> tuple[dict, data.Split]:
@@ -296,43 +279,56 @@ def load_data(path) -> tuple[dict, data.Split]:
     if not n:
         raise ValueError(f"{path}: the train split has no conversations")
     ends = int(split.offsets[-1] + split.lengths[-1])
-    if (len(split.offsets), len(split.classes)) != (n, n) or len({ends, len(split.tokens), len(split.weights)}) > 1:
-        raise ValueError(f"{path}/train: the arrays disagree (offsets, lengths, tokens, weights): the dataset "
-                         f"directory is damaged; prepare it again")
+    if (len(split.offsets) != n or len(split.classes) != n
+            or not ends == len(split.tokens) == len(split.target_weights)):
+        raise ValueError(f"{path}/train: the arrays disagree (offsets, lengths, tokens, weights): "
+                         f"the dataset directory is damaged; prepare it again")
     if split.classes.max() >= len(meta["sources"]):
-        raise ValueError(f"{path}: class ids beyond the {len(meta['sources'])} sources of meta.json")
+        raise ValueError(f"{path}: class ids beyond the {len(meta['sources'])} sources of "
+                         f"meta.json")
     return meta, split
 
 
-def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int) -> list[list[list[int]]]:
-    """The optimizer steps of one epoch: multipack into world_size × grad_accum bins per step; rank r takes
-    bins r·grad_accum … r·grad_accum + grad_accum - 1 as its micro-batches. The same plan on every rank."""
+def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int) -> list:
+    """The optimizer steps of one epoch: multipack into world_size × grad_accum bins per step; rank
+    r takes bins r·grad_accum … r·grad_accum + grad_accum - 1 as its micro-batches. The same plan
+    on every rank."""
     try:
-        return data.multipack(split.lengths, cfg.batch_max_len, world_size * cfg.grad_accum, cfg.seed, epoch)
+        return data.multipack(split.lengths, cfg.batch_max_len, world_size * cfg.grad_accum,
+                              cfg.seed, epoch)
     except ValueError as e:
-        raise ValueError(f"{cfg.data}: {e}; raise --batch-max-len or prepare the data with a smaller max_len") from None
+        raise ValueError(f"{cfg.data}: {e}; raise --batch-max-len or prepare the data with a "
+                         f"smaller max_len") from None
 
 
 def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
-    """The stream's arrays on the device: pinned and copied asynchronously on a GPU (no host sync)."""
+    """The stream's arrays on the device: pinned and copied asynchronously on a GPU (no host sync).
+    """
     s = data.pack_stream(split, conversations)
 
     def to(array, dtype):
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+        if device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(device, non_blocking=True)
 
-    return Batch(to(s["tokens"], torch.long), to(s["positions"], torch.long), to(s["cu_seqlens"], torch.int32),
-                 int(np.diff(s["cu_seqlens"]).max()), to(s["targets"], torch.long), to(s["weights"], torch.float32),
-                 to(s["classes"], torch.long), to(np.flatnonzero(s["weights"]), torch.long))
+    return Batch(tokens=to(s["tokens"], torch.long), positions=to(s["positions"], torch.long),
+                 cu_seqlens=to(s["cu_seqlens"], torch.int32),
+                 max_seqlen=int(np.diff(s["cu_seqlens"]).max()),
+                 targets=to(s["targets"], torch.long),
+                 target_weights=to(s["target_weights"], torch.float32),
+                 classes=to(s["classes"], torch.long),
+                 supervised=to(np.flatnonzero(s["target_weights"]), torch.long))
 
 
 def auto_lr(supervised_tokens_per_step: float, scale: float = 1.0) -> float:
-    """METHOD.md §6: 3e-4 · sqrt(S / 4e6), S the supervised tokens of one optimizer step (the paper: ~200k → 6.7e-5)."""
+    """METHOD.md §7: 3e-4 · sqrt(S / 4e6), S the supervised tokens of one optimizer step (the paper:
+    ~200k → 6.7e-5)."""
     return 3e-4 * math.sqrt(supervised_tokens_per_step / 4e6) * scale
 
 
 def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak (METHOD.md §6)."""
+    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak."""
     warmup = max(1, round(cfg.warmup * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -340,44 +336,48 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) ->
     return peak * (cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 5. The step
+# --------------------------------------------------------------------------------------------------
+# 5. The step (METHOD.md §4)
 
 
 def conversation_weights(split: data.Split) -> np.ndarray:
     """Σ w of each conversation of the split, in float64, computed once per run."""
-    return np.add.reduceat(np.asarray(split.weights, dtype=np.float64), split.offsets)
+    return np.add.reduceat(np.asarray(split.target_weights, dtype=np.float64), split.offsets)
 
 
 def step_weight_sum(conversation_weight: np.ndarray, bins: list[list[int]]) -> float:
-    """The denominator of METHOD.md §2: Σ w over every conversation of one optimizer step, the bins of every
-    rank and micro-batch. Every rank has the whole plan, so every rank knows it without a collective."""
+    """The denominator of METHOD.md §4: Σ w over every conversation of one optimizer step, the bins
+    of every rank and micro-batch. Every rank has the whole plan, so every rank knows it without a
+    collective."""
     return float(sum(conversation_weight[b].sum() for b in bins))
 
 
 def forward_backward(model, batches: list[Batch], weight_sum: float,
                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of one optimizer step. METHOD.md §2: L = Σ_t w_t·CE_t / Σ_t w_t, both sums over every
-    rank and micro-batch of the step. weight_sum is that global Σ w, known from the plan on every rank, so
-    each micro-batch back-propagates its Σ w·CE / weight_sum with no collective and no host sync; the
-    gradients add up over micro-batches, and over ranks in FSDP's reduce-scatter (divide factor 1).
-    Returns this rank's [Σ w·CE, Σ w·correct, Σ w] per class, for the logs, and Σ w·CE per micro-batch."""
+    """This rank's share of one optimizer step. METHOD.md §4: L = Σ_t w_t·CE_t / Σ_t w_t, both sums
+    over every rank and micro-batch of the step. weight_sum is that global Σ w, known from the plan
+    on every rank, so each micro-batch back-propagates its Σ w·CE / weight_sum with no collective
+    and no host sync; the gradients add up over micro-batches, and over ranks in FSDP's
+    reduce-scatter (divide factor 1). Returns this rank's [Σ w·CE, Σ w·correct, Σ w] per class, for
+    the logs, and Σ w·CE per micro-batch."""
     stats = torch.zeros(n_classes, 3, dtype=torch.float64, device=batches[0].tokens.device)
     losses = []
     for b in batches:
-        loss_sum, ce, correct = model(b.tokens, b.positions, cu_seqlens=b.cu_seqlens, max_seqlen=b.max_seqlen,
-                                      targets=b.targets, weights=b.weights, supervised=b.supervised)
+        loss_sum, ce, correct = model(b.tokens, b.positions, cu_seqlens=b.cu_seqlens,
+                                      max_seqlen=b.max_seqlen, targets=b.targets,
+                                      target_weights=b.target_weights, supervised=b.supervised)
         (loss_sum / weight_sum).backward()
-        per_token = torch.stack([b.weights * ce.float(), b.weights * correct.float(), b.weights], dim=1)
+        w = b.target_weights
+        per_token = torch.stack([w * ce.float(), w * correct.float(), w], dim=1)
         stats.index_add_(0, b.classes, per_token.double())
         losses.append(loss_sum.detach())
     return stats, torch.stack(losses)
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices and embeddings, not on the norm gains. foreach: the sharded
-    (DTensor) parameters would otherwise take the per-parameter loop (twice the optimizer time measured for
-    the demo model on the CPU)."""
+    """AdamW with weight decay on the matrices and embeddings, not on the norm gains. foreach: the
+    sharded (DTensor) parameters would otherwise take the per-parameter loop (twice the optimizer
+    time measured for the demo model on the CPU)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -385,10 +385,11 @@ def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
                              lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
-def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_classes: int, grad_clip: float):
-    """One optimizer step: forward_backward, the gradient norm clipped, and the update, applied only when the
-    norm is finite (one host sync per step): a non-finite loss changes nothing. Returns forward_backward's
-    statistics and the norm."""
+def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_classes: int,
+                   grad_clip: float):
+    """One optimizer step: forward_backward, the gradient norm clipped, and the update, applied only
+    when the norm is finite (one host sync per step): a non-finite loss changes nothing. Returns
+    forward_backward's statistics and the norm."""
     stats, losses = forward_backward(model, batches, weight_sum, n_classes)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -398,58 +399,67 @@ def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_
     return stats, losses, grad_norm
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 6. Checkpoints and exports
 
 
-# DCP with no_dist for a world of one: the same files, without the collectives that, on torch 2.13 with
-# gloo, left every later training step about twice as slow on our 2-core CPU (cause not found). DCP warns
-# at every such save that it "assumes a single process": that is the intent, so the warning is silenced.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, the epoch, and the next step of that epoch's plan."""
+    step: int = 0
+    epoch: int = 0
+    next_step: int = 0
 
 
 def check_run_directory(out: Path, cfg: TrainConfig, data_sha: str):
-    """A run directory holds one run: a new run refuses one that holds another (its config.json), and --resume
-    refuses other data than the run's own (its meta.json's hash)."""
+    """A run directory holds one run: a new run refuses one that holds another (its config.json),
+    and --resume refuses other data than the run's own (its meta.json's hash)."""
     if not (out / "config.json").exists():
         return
     if not cfg.resume:
-        raise FileExistsError(f"{out} already holds a run: --resume continues it; another --out starts a new one")
+        raise FileExistsError(f"{out} already holds a run: --resume continues it; another --out "
+                              f"starts a new one")
     config = read_json(out / "config.json")
     if config.get("dataset_meta_sha256") != data_sha:
-        raise ValueError(f"--resume: {out} was trained on {config['data']}, and {cfg.data}/meta.json is not that "
-                         f"dataset's: resume with the run's own data")
+        raise ValueError(f"--resume: {out} was trained on {config['data']}, and "
+                         f"{cfg.data}/meta.json is not that dataset's: resume with the run's own "
+                         f"data")
 
 
 def keep_metrics_up_to(path: Path, step: int):
-    """On resuming from a checkpoint of `step`, the rows logged after it go (they are logged again)."""
+    """On resuming from a checkpoint of `step`, the rows logged after it go (they are logged
+    again)."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         write_text(path, "".join(r + "\n" for r in rows))
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
-    """Checkpoints are written to .tmp-step-N and renamed to step-N when every rank has finished: a run
-    killed while saving leaves only a .tmp directory, which is never resumed from."""
+    """Checkpoints are written to .tmp-step-N and renamed to step-N when every rank has finished: a
+    run killed while saving leaves only a .tmp directory, which is never resumed from."""
     return sorted((out / "checkpoints").glob("step-*"))
 
 
-def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_step: int, cfg: TrainConfig, rank: int):
-    target = out / "checkpoints" / f"step-{step:08d}"
+def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig, rank: int):
+    target = out / "checkpoints" / f"step-{at.step:08d}"
     tmp = target.with_name(f".tmp-{target.name}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    world = dist.get_world_size()
     state = {"model": model_state, "optimizer": optimizer_state,
-             "progress": torch.tensor([step, epoch, next_step, dist.get_world_size(), cfg.grad_accum]),
+             "progress": torch.tensor([at.step, at.epoch, at.next_step, world, cfg.grad_accum]),
              f"rng_rank{rank}": torch.get_rng_state()}
     try:
-        dcp.save(state, checkpoint_id=tmp, no_dist=dist.get_world_size() == 1)
-    except (Exception, dcp.CheckpointException) as e:  # e.g. a full disk: the earlier ones are untouched
+        # A world of one saves with no_dist: the same files, without the collectives that, on
+        # torch 2.13 with gloo, left every later step about twice as slow on our 2-core CPU.
+        dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
+    except (Exception, dcp.CheckpointException) as e:  # a full disk: the earlier ones are untouched
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are intact") from e
+        raise OSError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are "
+                      f"intact") from e
     dist.barrier()
     if rank == 0:
         os.rename(tmp, target)
@@ -459,122 +469,225 @@ def save_checkpoint(model, optimizer, out: Path, step: int, epoch: int, next_ste
     dist.barrier()
 
 
-def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -> tuple[int, int, int]:
+def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -> Position:
+    world = dist.get_world_size()
     progress = {"progress": torch.zeros(5, dtype=torch.long)}
-    dcp.load(progress, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
-    step, epoch, next_step, world, grad_accum = progress["progress"].tolist()
-    if (world, grad_accum) != (dist.get_world_size(), cfg.grad_accum):  # the data plan depends on both
-        raise ValueError(f"{path} was saved by {world} ranks with --grad-accum={grad_accum}; resume with the same")
+    dcp.load(progress, checkpoint_id=path, no_dist=world == 1)
+    step, epoch, next_step, saved_world, grad_accum = progress["progress"].tolist()
+    if (saved_world, grad_accum) != (world, cfg.grad_accum):  # the data plan depends on both
+        raise ValueError(f"{path} was saved by {saved_world} ranks with --grad-accum={grad_accum}; "
+                         f"resume with the same")
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state, f"rng_rank{rank}": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=path, no_dist=dist.get_world_size() == 1)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    state = {"model": model_state, "optimizer": optimizer_state,
+             f"rng_rank{rank}": torch.get_rng_state()}
+    dcp.load(state, checkpoint_id=path, no_dist=world == 1)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
     torch.set_rng_state(state[f"rng_rank{rank}"])
-    return step, epoch, next_step
+    return Position(step, epoch, next_step)
 
 
-def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int, log) -> tuple[int, int, int]:
-    """Loads the newest complete checkpoint that loads: a damaged one (a truncated file, an empty .metadata) is
-    named, renamed damaged-step-N, and the one before it tried. A checkpoint of another world size or
-    --grad-accum stops the run."""
+def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int, log) -> Position:
+    """Loads the newest complete checkpoint that loads: a damaged one (a truncated file, an empty
+    .metadata) is named, renamed damaged-step-N, and the one before it tried. A checkpoint of
+    another world size or --grad-accum stops the run."""
     checkpoints = complete_checkpoints(out)
     if not checkpoints:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
     for path in reversed(checkpoints):
         try:
-            step, epoch, next_step = load_checkpoint(model, optimizer, path, cfg, rank)
+            at = load_checkpoint(model, optimizer, path, cfg, rank)
         except ValueError:
             raise
-        except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            log(f"checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); kept as damaged-{path.name},"
-                f" trying the one before")
+        except (Exception, dcp.CheckpointException) as e:  # CheckpointException: a BaseException
+            log(f"checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); kept as "
+                f"damaged-{path.name}, trying the one before")
             if rank == 0:  # kept for a look, never resumed from again; its step can be saved anew
                 os.rename(path, path.with_name(f"damaged-{path.name}"))
             dist.barrier()
             continue
-        log(f"resumed from {path}: step {step}, epoch {epoch + 1}")
-        return step, epoch, next_step
-    raise ValueError(f"--resume: none of the {len(checkpoints)} checkpoints in {out / 'checkpoints'} loads")
+        log(f"resumed from {path}: step {at.step}, epoch {at.epoch + 1}")
+        return at
+    raise ValueError(f"--resume: none of the {len(checkpoints)} checkpoints in "
+                     f"{out / 'checkpoints'} loads")
 
 
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
-    """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer with its
-    added special tokens and a chat template, and crlft.json (template, conditions, inference condition),
-    which sample.py and eval.py read. Written beside its place and renamed when complete."""
+    """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer
+    with its added special tokens and the chat template (data.tokenizer_config), and crlft.json
+    (template, conditions, inference condition), which sample.py and eval.py read. Written beside
+    its place and renamed when complete."""
     tok = meta["tokenizer"]
     tmp = path.with_name(f".tmp-{path.name}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     params = dict(model.named_parameters())
-    # The end of a turn ends generation; a base pretrained on plain text ("text" template) ends at EOS.
+    # The end of a turn ends generation; a base pretrained on plain text ("text") ends at EOS.
     eos = tok["special_tokens"].get(data.TEMPLATES[meta["template"]].eot, tok["eos_id"])
     config = replace(model.config, bos_token_id=tok["bos_id"], eos_token_id=eos)
-    write_hf_checkpoint(tmp, config, {n: p.shape for n, p in params.items()}, lambda n: params[n].full_tensor(),
-                        getattr(torch, cfg.export_dtype), write=rank == 0)  # every rank gathers, rank 0 writes
+    # Every rank gathers each parameter, rank 0 writes.
+    write_hf_checkpoint(tmp, config, {n: p.shape for n, p in params.items()},
+                        lambda n: params[n].full_tensor(), getattr(torch, cfg.export_dtype),
+                        write=rank == 0)
     if rank == 0:
         shutil.copyfile(Path(cfg.data) / tok["file"], tmp / tok["file"])
         tokenizer = data.Tokenizer(tmp / tok["file"], meta["template"])
-        write_json(tmp / "tokenizer_config.json",
-                   tokenizer_config(tokenizer, meta["inference_condition"], model.config.max_seq_len))
+        write_json(tmp / "tokenizer_config.json", data.tokenizer_config(
+            tokenizer, meta["inference_condition"], model.config.max_seq_len))
         write_json(tmp / "crlft.json", {
             "template": meta["template"], "inference_condition": meta["inference_condition"],
-            "conditions": meta["conditions"], "sources": meta["sources"], "tokenizer_file": tok["file"],
-            "tokenizer_sha256": tok["sha256"], "dataset": str(Path(cfg.data).resolve()), "step": step})
-        replace_directory(tmp, path)  # the old export moved aside, the new one in, then the old removed
+            "conditions": meta["conditions"], "sources": meta["sources"],
+            "tokenizer_file": tok["file"], "tokenizer_sha256": tok["sha256"],
+            "dataset": str(Path(cfg.data).resolve()), "step": step})
+        replace_directory(tmp, path)  # the old export moved aside, the new one in, the old removed
     dist.barrier()
 
 
-def export_name(step: int, epoch: int, next_step: int, plans, total_steps: int) -> str | None:
+def export_name(at: Position, plans, total_steps: int) -> str | None:
     """Each epoch's end is exported as epoch-N, a run that ends inside an epoch as step-N."""
-    if next_step == len(plans[epoch]):
-        return f"epoch-{epoch + 1}"
-    return f"step-{step}" if step == total_steps else None
+    if at.next_step == len(plans[at.epoch]):
+        return f"epoch-{at.epoch + 1}"
+    return f"step-{at.step}" if at.step == total_steps else None
 
 
-def tokenizer_config(tokenizer: data.Tokenizer, condition: str, max_len: int) -> dict:
-    """For transformers: the template's special tokens that are new rows, and a chat template that renders
-    data.py's template at the inference condition (a base pretrained on plain text has none). A SentencePiece
-    model loads as LlamaTokenizer, a tokenizer.json as the fast tokenizer it describes."""
-    new_rows = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                         "single_word": False}
-                for t, i in tokenizer.special_ids.items() if i >= tokenizer.base_vocab_size}
-    sentencepiece = isinstance(tokenizer.backend, data.SentencePiece)
-    if sentencepiece:
-        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                  "add_bos_token": True, "add_eos_token": False,
-                  "legacy": True}  # a "▁" after special tokens, as data.py's pieces have: the same ids as training
-    else:
-        bos = tokenizer.bos_id
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": None,
-                  "bos_token": None if bos is None else tokenizer.backend.tok.id_to_token(bos)}
-    config.update({"model_max_length": max_len, "added_tokens_decoder": new_rows})
-    template = tokenizer.template
-    if template.eot is None:
-        return config
-    # SentencePiece's dummy prefix puts a space before each separately encoded message; a BPE tokenizer has none.
-    space = " " if sentencepiece else ""
-    user, assistant = (template.role_prefix(r, condition) + space for r in ("user", "assistant"))
-    system = template.role_prefix("system", "") + space if template.header else ""
-    chat = ("{{ bos_token }}" if tokenizer.bos_id is not None else "") + (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ " + jinja(system) + " + m['content'] }}"
-        "{% elif m['role'] == 'user' %}{{ " + jinja(user) + " + m['content'] }}"
-        "{% else %}{{ " + jinja(assistant) + " + m['content'] }}{% endif %}"
-        "{{ " + jinja(template.eot) + " }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ " + jinja(assistant.removesuffix(space)) + " }}{% endif %}")
-    return {**config, "eos_token": template.eot, "chat_template": chat}
-
-
-def jinja(text: str) -> str:
-    """A Jinja string literal of text."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 7. The loop
 
 
+@dataclass
+class RunPlan:
+    """The whole run's plan, the same on every rank: each epoch's steps (their bins of
+    conversations), and the per-conversation sums the steps' weight sums and statistics are read
+    from."""
+    epochs: list  # per epoch, per step, per rank and micro-batch: conversation indices
+    total_steps: int
+    conversation_weight: np.ndarray  # Σ w of each conversation
+    conversation_supervised: np.ndarray  # tokens with w ≠ 0 in each conversation
+    supervised_per_step: float
+
+
+def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
+    epochs = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
+    supervised = np.add.reduceat(np.asarray(split.target_weights) != 0, split.offsets)
+    total_steps = sum(len(p) for p in epochs)
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    if not total_steps:
+        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} "
+                         f"streams")
+    all_steps = [s for p in epochs for s in p]
+    per_step = sum(supervised[b].sum() for s in all_steps for b in s) / len(all_steps)
+    return RunPlan(epochs, total_steps, conversation_weights(split), supervised, per_step)
+
+
+def train(cfg: TrainConfig):
+    """The whole run in an initialised process group; returns the model and its last export."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = default_device()
+    out = Path(cfg.out)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    meta, split = load_data(cfg.data)
+    data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
+    check_run_directory(out, cfg, data_sha)
+    dist.barrier()  # every rank has looked before rank 0 writes config.json
+    compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
+    plan = plan_run(split, cfg, world)
+    peak_lr = cfg.lr or auto_lr(plan.supervised_per_step, cfg.lr_scale)
+    mesh = init_device_mesh(device.type, (world,))
+    model = build_model(cfg, meta, mesh, device, compute_dtype)
+    optimizer = make_optimizer(model, cfg, peak_lr)
+    at = resume(model, optimizer, meta, cfg, plan, rank, log) if cfg.resume else Position()
+    if at.step >= plan.total_steps:
+        exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
+        log(f"{out} is complete ({at.step} of {plan.total_steps} steps): nothing to do")
+        return model, exports[-1] if exports else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {**asdict(cfg), "dataset_meta_sha256": data_sha})
+    threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
+    log(f"{world} rank(s) on {device.type}{threads}, {compute_dtype}; {len(split.lengths):,} "
+        f"conversations; {plan.total_steps:,} optimizer steps of {world * cfg.grad_accum} x "
+        f"{cfg.batch_max_len:,} tokens ({plan.supervised_per_step:,.0f} supervised tokens per "
+        f"step); peak lr {peak_lr:.3g}")
+    metrics = MetricsLog(meta["sources"], plan.total_steps, matmul_peak_flops(device), device, log,
+                         at.step, open(out / "metrics.jsonl", "a") if rank == 0 else None)
+    last_export = run_steps(model, optimizer, split, meta, plan, at, peak_lr, cfg, metrics)
+    metrics.close()
+    log(f"\ndone: {plan.total_steps} steps in {time.perf_counter() - metrics.run_start:.0f}s. The "
+        f"model: {last_export}\n  sample:   python sample.py --checkpoint {last_export}\n"
+        f"  evaluate: python eval.py loss --checkpoint {last_export} --data {cfg.data}")
+    return model, last_export
+
+
+def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_lr: float,
+              cfg: TrainConfig, metrics: "MetricsLog") -> Path | None:
+    """The optimizer steps from `at` to the plan's end, each logged, checkpointed and exported as
+    cfg says; returns the last export."""
+    rank = dist.get_rank()
+    device = default_device()
+    out = Path(cfg.out)
+    last_export = None
+    while at.step < plan.total_steps:
+        if at.next_step >= len(plan.epochs[at.epoch]):  # the epoch is over
+            at = Position(at.step, at.epoch + 1, 0)
+            continue
+        bins = plan.epochs[at.epoch][at.next_step]
+        lr = learning_rate(at.step, plan.total_steps, peak_lr, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
+        batches = [make_batch(split, b, device) for b in mine]
+        stats, losses, grad_norm = optimizer_step(
+            model, optimizer, batches, step_weight_sum(plan.conversation_weight, bins),
+            len(meta["sources"]), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise non_finite_loss(at, rank, mine, losses)
+        at = Position(at.step + 1, at.epoch, at.next_step + 1)
+        lengths = split.lengths[[i for b in bins for i in b]]
+        metrics.add(stats, lengths, int(sum(plan.conversation_supervised[b].sum() for b in bins)),
+                    step_flops(model.config, lengths))
+        if at.step % cfg.log_every == 0 or at.step == plan.total_steps:
+            metrics.row(at, lr, grad_norm)
+        epoch_done = at.next_step == len(plan.epochs[at.epoch])
+        if (cfg.save_every and at.step % cfg.save_every == 0) or epoch_done \
+                or at.step == plan.total_steps:
+            save_checkpoint(model, optimizer, out, at, cfg, rank)
+        if name := export_name(at, plan.epochs, plan.total_steps):
+            last_export = out / "exports" / name
+            export(model, meta, cfg, last_export, at.step, rank)
+    return last_export
+
+
+def resume(model, optimizer, meta: dict, cfg: TrainConfig, plan: RunPlan, rank: int,
+           log) -> Position:
+    """The position of the newest checkpoint that loads, its export made again if the run stopped
+    while writing it, and metrics.jsonl cut back to it."""
+    out = Path(cfg.out)
+    at = resume_from_newest(model, optimizer, out, cfg, rank, log)
+    name = export_name(at, plan.epochs, plan.total_steps)  # its checkpoint's export
+    if name and not (out / "exports" / name / "crlft.json").exists():
+        log(f"exports/{name} was not finished: exporting it again from the checkpoint of step "
+            f"{at.step}")
+        export(model, meta, cfg, out / "exports" / name, at.step, rank)
+    if rank == 0 and at.step < plan.total_steps:
+        keep_metrics_up_to(out / "metrics.jsonl", at.step)
+    return at
+
+
+def non_finite_loss(at: Position, rank: int, mine, losses) -> FloatingPointError:
+    """The error for a step whose gradient norm is not finite, naming this rank's culprits."""
+    bad = [f"micro-batch {i + 1} (conversations {b})"
+           for i, (b, loss) in enumerate(zip(mine, losses.tolist())) if not math.isfinite(loss)]
+    return FloatingPointError(
+        f"non-finite loss at step {at.step + 1} (epoch {at.epoch + 1}, step {at.next_step + 1} of "
+        f"the epoch)" + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
+        + "; no update was applied; the last checkpoint is intact: fix the data or the settings, "
+          "then --resume")
+
+
 def matmul_peak_flops(device) -> float:
-    """Measured bf16 matmul FLOP/s, the denominator of MFU (README, Benchmarks); CPU runs report no MFU."""
+    """Measured bf16 matmul FLOP/s, the denominator of MFU (BENCHMARKS.md); CPU runs report no MFU.
+    """
     if device.type != "cuda":
         return 0.0
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -589,13 +702,14 @@ def matmul_peak_flops(device) -> float:
 
 
 def step_flops(config: ModelConfig, lengths) -> float:
-    """Model FLOPs, as MFU counts them (README, Benchmarks): 6·N_matmul per token, plus causal attention's
-    6·L·d·T per token of a T-token conversation, forward and backward."""
+    """Model FLOPs, as MFU counts them (BENCHMARKS.md): 6·N_matmul per token, plus causal
+    attention's 6·L·d·T per token of a T-token conversation, forward and backward."""
     c = config
-    n_matmul = c.n_layers * (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.dim * c.ffn_dim) \
-        + c.dim * c.vocab_size
+    attention = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    n_matmul = c.n_layers * (attention + 3 * c.dim * c.ffn_dim) + c.dim * c.vocab_size
     lengths = np.asarray(lengths, dtype=np.float64)
-    return 6 * n_matmul * lengths.sum() + 6 * c.n_layers * c.n_heads * c.head_dim * (lengths ** 2).sum()
+    return (6 * n_matmul * lengths.sum()
+            + 6 * c.n_layers * c.n_heads * c.head_dim * (lengths ** 2).sum())
 
 
 def peak_memory_gib(device) -> float:
@@ -604,136 +718,35 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-@dataclass
-class RunPlan:
-    """The whole run's plan, the same on every rank: each epoch's steps (their bins of conversations), and
-    the per-conversation sums the steps' weight sums and statistics are read from."""
-    epochs: list  # per epoch, per step, per rank and micro-batch: conversation indices
-    total_steps: int
-    conversation_weight: np.ndarray  # Σ w of each conversation
-    conversation_supervised: np.ndarray  # tokens with w ≠ 0 in each conversation
-    supervised_per_step: float
+def class_labels(sources: list[dict]) -> list[str]:
+    """A name per class for the log line: its condition, or "class i" where that is empty or
+    shared with another class."""
+    conditions = [s["condition"] for s in sources]
+    return [c if c and conditions.count(c) == 1 else f"class {i}" for i, c in enumerate(conditions)]
 
 
-def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
-    epochs = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
-    supervised = np.add.reduceat(np.asarray(split.weights) != 0, split.offsets)
-    total_steps = sum(len(p) for p in epochs)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    if not total_steps:
-        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} streams")
-    per_step = sum(supervised[b].sum() for p in epochs for s in p for b in s) / sum(map(len, epochs))
-    return RunPlan(epochs, total_steps, conversation_weights(split), supervised, per_step)
+class MetricsLog:
+    """The log rows: loss overall and per class, accuracy, grad norm, tokens/s, MFU, memory and
+    ETA, summed over every rank since the previous row; printed by rank 0 and appended to
+    metrics.jsonl."""
 
-
-def train(cfg: TrainConfig):
-    """The whole run in an initialised process group; returns the model and its last export."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = default_device()
-    out = Path(cfg.out)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    meta, split = load_data(cfg.data)
-    data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
-    check_run_directory(out, cfg, data_sha)
-    dist.barrier()  # every rank has looked before rank 0 writes config.json
-    classes = [s["condition"] or f"class {i}" for i, s in enumerate(meta["sources"])]
-    compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
-    plan = plan_run(split, cfg, world)
-    peak_lr = cfg.lr or auto_lr(plan.supervised_per_step, cfg.lr_scale)
-    model = build_model(cfg, meta, init_device_mesh(device.type, (world,)), device, compute_dtype)
-    optimizer = make_optimizer(model, cfg, peak_lr)
-    step, epoch, next_step = 0, 0, 0
-    if cfg.resume:
-        step, epoch, next_step = resume(model, optimizer, meta, cfg, plan, rank, log)
-        if step >= plan.total_steps:
-            exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
-            log(f"{out} is complete ({step} of {plan.total_steps} steps): nothing to do")
-            return model, exports[-1] if exports else None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**asdict(cfg), "dataset_meta_sha256": data_sha})
-    threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
-    log(f"{world} rank(s) on {device.type}{threads}, {compute_dtype}; {len(split.lengths):,} conversations; "
-        f"{plan.total_steps:,} optimizer steps of {world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
-        f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}")
-
-    progress = Progress(classes, plan.total_steps, matmul_peak_flops(device), device, log, step,
-                        open(out / "metrics.jsonl", "a") if rank == 0 else None)
-    last_export = None
-    while step < plan.total_steps:
-        if next_step >= len(plan.epochs[epoch]):  # the epoch is over
-            epoch, next_step = epoch + 1, 0
-            continue
-        bins = plan.epochs[epoch][next_step]
-        lr = learning_rate(step, plan.total_steps, peak_lr, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
-        stats, losses, grad_norm = optimizer_step(model, optimizer, [make_batch(split, b, device) for b in mine],
-                                                  step_weight_sum(plan.conversation_weight, bins), len(classes),
-                                                  cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise non_finite_loss(step, epoch, next_step, rank, mine, losses)
-        step, next_step = step + 1, next_step + 1
-
-        lengths = split.lengths[[i for b in bins for i in b]]
-        progress.add(stats, lengths, int(sum(plan.conversation_supervised[b].sum() for b in bins)),
-                     step_flops(model.config, lengths))
-        if step % cfg.log_every == 0 or step == plan.total_steps:
-            progress.row(step, epoch, lr, grad_norm)
-        epoch_done = next_step == len(plan.epochs[epoch])
-        if (cfg.save_every and step % cfg.save_every == 0) or epoch_done or step == plan.total_steps:
-            save_checkpoint(model, optimizer, out, step, epoch, next_step, cfg, rank)
-        if name := export_name(step, epoch, next_step, plan.epochs, plan.total_steps):
-            last_export = out / "exports" / name
-            export(model, meta, cfg, last_export, step, rank)
-    progress.close()
-    evaluate = (f"demo --checkpoint {last_export}" if cfg.data == TrainConfig.data else  # the demo's own prompts
-                f"loss --checkpoint {last_export} --data {cfg.data}")
-    log(f"\ndone: {step} steps in {time.perf_counter() - progress.run_start:.0f}s. The model: {last_export}\n"
-        f"  sample:   python sample.py --checkpoint {last_export}\n"
-        f"  evaluate: python eval.py {evaluate}")
-    return model, last_export
-
-
-def resume(model, optimizer, meta: dict, cfg: TrainConfig, plan: RunPlan, rank: int, log) -> tuple[int, int, int]:
-    """(step, epoch, next step in the epoch) of the newest checkpoint that loads, its export made again if the
-    run stopped while writing it, and metrics.jsonl cut back to it."""
-    out = Path(cfg.out)
-    step, epoch, next_step = resume_from_newest(model, optimizer, out, cfg, rank, log)
-    name = export_name(step, epoch, next_step, plan.epochs, plan.total_steps)  # its checkpoint's export
-    if name and not (out / "exports" / name / "crlft.json").exists():
-        log(f"exports/{name} was not finished: exporting it again from the checkpoint of step {step}")
-        export(model, meta, cfg, out / "exports" / name, step, rank)
-    if rank == 0 and step < plan.total_steps:
-        keep_metrics_up_to(out / "metrics.jsonl", step)
-    return step, epoch, next_step
-
-
-def non_finite_loss(step, epoch, next_step, rank, mine, losses) -> FloatingPointError:
-    """The error for a step whose gradient norm is not finite, naming this rank's culprit micro-batches."""
-    bad = [f"micro-batch {i + 1} (conversations {b})" for i, (b, loss) in enumerate(zip(mine, losses.tolist()))
-           if not math.isfinite(loss)]
-    return FloatingPointError(
-        f"non-finite loss at step {step + 1} (epoch {epoch + 1}, step {next_step + 1} of the epoch)"
-        + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
-        + "; no update was applied; the last checkpoint is intact: fix the data or the settings, then --resume")
-
-
-class Progress:
-    """The log rows: loss overall and per class, accuracy, grad norm, tokens/s, MFU, memory and ETA, summed
-    over every rank since the previous row; printed by rank 0 and appended to metrics.jsonl."""
-
-    def __init__(self, classes, total_steps, peak_flops, device, log, start_step, metrics):
-        self.classes, self.total_steps, self.peak_flops, self.device = classes, total_steps, peak_flops, device
-        self.log, self.metrics = log, metrics
-        self.run_start, self.start_step = time.perf_counter(), start_step
+    def __init__(self, sources, total_steps, peak_flops, device, log, start_step, file):
+        self.sources = sources
+        self.labels = class_labels(sources)
+        self.total_steps = total_steps
+        self.peak_flops = peak_flops
+        self.device = device
+        self.log = log
+        self.file = file
+        self.run_start = time.perf_counter()
+        self.start_step = start_step
         self.reset()
 
     def reset(self):
-        self.stats = torch.zeros(len(self.classes), 3, dtype=torch.float64, device=self.device)
-        self.tokens, self.supervised, self.flops, self.start = 0, 0, 0.0, time.perf_counter()
+        self.stats = torch.zeros(len(self.sources), 3, dtype=torch.float64, device=self.device)
+        self.tokens = self.supervised = 0
+        self.flops = 0.0
+        self.start = time.perf_counter()
 
     def add(self, stats, lengths, supervised: int, flops: float):
         self.stats += stats
@@ -741,87 +754,78 @@ class Progress:
         self.supervised += supervised
         self.flops += flops
 
-    def row(self, step, epoch, lr, grad_norm):
+    def row(self, at: Position, lr: float, grad_norm):
         stats = self.stats.clone()
         dist.all_reduce(stats)  # the logged figures cover every rank
         elapsed = time.perf_counter() - self.start
-        seconds_per_step = (time.perf_counter() - self.run_start) / (step - self.start_step)
+        seconds_per_step = (time.perf_counter() - self.run_start) / (at.step - self.start_step)
         ce, correct, weight = stats.sum(0).tolist()
-        row = {
-            "step": step, "epoch": epoch + 1, "lr": lr, "loss": ce / weight, "accuracy": correct / weight,
-            "loss_per_class": {c: (s[0] / s[2] if s[2] else None) for c, s in zip(self.classes, stats.tolist())},
-            "grad_norm": float(grad_norm), "tokens_per_s": self.tokens / elapsed,
-            "supervised_tokens_per_s": self.supervised / elapsed,
-            "mfu": (self.flops / elapsed / self.peak_flops / dist.get_world_size() if self.peak_flops else None),
-            "peak_memory_gib": peak_memory_gib(self.device), "eta_s": (self.total_steps - step) * seconds_per_step,
-        }
-        per_class = ", ".join(f"{c} {v:.3f}" for c, v in row["loss_per_class"].items() if v is not None)
-        self.log(f"step {step}/{self.total_steps} | epoch {row['epoch']} | lr {lr:.2e} | loss {row['loss']:.4f} "
-                 f"({per_class}) | acc {row['accuracy']:.1%} | grad {row['grad_norm']:.2f} | "
-                 f"{row['tokens_per_s']:,.0f} tok/s ({row['supervised_tokens_per_s']:,.0f} supervised) | "
-                 + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
-                 + f"mem {row['peak_memory_gib']:.2f} GiB | ETA {row['eta_s']:.0f}s", flush=True)
-        if self.metrics:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+        per_class = [{"class": c, "condition": s["condition"], "weight": s["weight"],
+                      "loss": (ce_c / w_c if w_c else None)}
+                     for c, (s, (ce_c, _, w_c)) in enumerate(zip(self.sources, stats.tolist()))]
+        mfu = None
+        if self.peak_flops:
+            mfu = self.flops / elapsed / self.peak_flops / dist.get_world_size()
+        row = {"step": at.step, "epoch": at.epoch + 1, "lr": lr, "loss": ce / weight,
+               "accuracy": correct / weight, "loss_per_class": per_class,
+               "grad_norm": float(grad_norm), "tokens_per_s": self.tokens / elapsed,
+               "supervised_tokens_per_s": self.supervised / elapsed, "mfu": mfu,
+               "peak_memory_gib": peak_memory_gib(self.device),
+               "eta_s": (self.total_steps - at.step) * seconds_per_step}
+        self.log(self.line(row), flush=True)
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         self.reset()
 
+    def line(self, row: dict) -> str:
+        per_class = ", ".join(f"{label} {c['loss']:.3f}" for label, c in
+                              zip(self.labels, row["loss_per_class"]) if c["loss"] is not None)
+        return (f"step {row['step']}/{self.total_steps} | epoch {row['epoch']} | "
+                f"lr {row['lr']:.2e} | loss {row['loss']:.4f} ({per_class}) | "
+                f"acc {row['accuracy']:.1%} | grad "
+                f"{row['grad_norm']:.2f} | {row['tokens_per_s']:,.0f} tok/s "
+                f"({row['supervised_tokens_per_s']:,.0f} supervised) | "
+                + (f"MFU {row['mfu']:.1%} | " if row["mfu"] is not None else "")
+                + f"mem {row['peak_memory_gib']:.2f} GiB | ETA {row['eta_s']:.0f}s")
+
     def close(self):
-        if self.metrics:
-            self.metrics.close()
+        if self.file:
+            self.file.close()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# 8. The demo's data and base model, made when missing
-
-
-def ensure_demo_data(demo=None):
-    """The demo data (demo.py; data/demo by default), made again when it is missing or was made by other
-    code or with other parameters."""
-    from demo import DemoConfig, is_current, make_demo
-    demo = demo or DemoConfig()
-    if not is_current(demo):
-        print(f"making the demo data in {demo.out}", flush=True)
-        make_demo(demo)
-    return demo
-
-
-def ensure_demo_base(demo=None, base_argv=("--preset=demo-base",)) -> Path:
-    """The demo's base model (preset demo-base), pretrained again when it is missing or when the demo data
-    or the preset have changed: a run of its own, in a process of its own. Returns its export."""
-    demo = ensure_demo_data(demo)
-    base = load_config(list(base_argv))
-    made_with = {"demo": read_json(Path(demo.out) / "demo.json"), "train": asdict(base)}
-    record, export = Path(base.out) / "made_with.json", Path(base.out) / "exports" / f"epoch-{base.epochs}"
-    if record.exists() and read_json(record) == made_with and (export / "config.json").exists():
-        return export
-    print(f"pretraining the demo's base model into {base.out}", flush=True)
-    shutil.rmtree(base.out, ignore_errors=True)
-    if subprocess.run([sys.executable, str(Path(__file__).resolve()), *base_argv]).returncode:
-        raise SystemExit("pretraining the demo's base model failed (see above)")
-    write_json(record, made_with)
-    return export
+def check_inputs(cfg: TrainConfig):
+    """The dataset and the base exist, before any process group: else one line that says how to
+    make them."""
+    if not cfg.data:
+        raise FileNotFoundError(f"--data is required with --preset={cfg.preset}")
+    needed = [Path(cfg.data) / "meta.json"] + ([Path(cfg.base) / "config.json"] if cfg.base else [])
+    for path in needed:
+        if not path.exists():
+            hint = " (`python demo.py` makes the demo's data and base)"
+            raise FileNotFoundError(f"{path} is missing" + (hint if cfg.preset == "demo" else ""))
 
 
 def main(argv):
     cfg = load_config(argv)
-    if not cfg.data:
-        raise SystemExit(f"--data is required with --preset={cfg.preset}")
-    if "RANK" not in os.environ:  # under torchrun, the demo's data and base must be made beforehand
-        if cfg.preset == "demo-base" and cfg.data == RECIPES["demo-base"]["data"]:
-            ensure_demo_data()
-        if cfg.preset == "demo" and (cfg.data, cfg.base) == (TrainConfig.data, DEMO_BASE):
-            ensure_demo_base()
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        check_inputs(cfg)
+    except FileNotFoundError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if not torch.cuda.is_available():
         set_cpu_threads(cfg.threads)
+    silence_expected_warnings()
     setup_processes()
     try:
         train(cfg)
-    except (ValueError, OSError, FloatingPointError) as e:  # the data, files or flags: a message, no traceback
-        if dist.get_rank() == 0:
+    except (ValueError, OSError, FloatingPointError) as e:  # the data, files or flags: one line
+        if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    shut_down_processes()  # only after success: after an error another rank may be inside a collective
+    shut_down_processes()  # only after success: after an error another rank may be in a collective
 
 
 if __name__ == "__main__":

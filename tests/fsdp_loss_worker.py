@@ -49,12 +49,12 @@ def main():
         fully_shard(sharded, mesh=mesh, mp_policy=policy)  # the root holds embed_tokens, norm, lm_head
 
         tokens, positions, cu, targets, weights = packed_stream(rank, reference.config.vocab_size)
-        loss = sharded(tokens, positions, cu, targets=targets, weights=weights)[0]
+        loss = sharded(tokens, positions, cu, targets=targets, target_weights=weights)[0]
         loss.backward()
 
         for r in range(world):  # the same average on one process
             tokens, positions, cu, targets, weights = packed_stream(r, reference.config.vocab_size)
-            (reference(tokens, positions, cu, targets=targets, weights=weights)[0] / world).backward()
+            (reference(tokens, positions, cu, targets=targets, target_weights=weights)[0] / world).backward()
 
         sharded_params = dict(sharded.named_parameters())
         for pname, p in reference.named_parameters():

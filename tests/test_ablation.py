@@ -11,9 +11,9 @@ import pytest
 
 import ablation
 import data
-import train
-from demo import DemoConfig
-from eval import demo_accuracy, read_jsonl
+from demo import DemoConfig, ensure_base
+from eval import demo_accuracy
+from records import read_all_records
 from sample import Generator
 
 
@@ -70,14 +70,14 @@ def test_the_protocol_tries_the_grid_on_the_first_seed_then_runs_the_others_at_t
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny demo and a tiny base pretrained on its corpus by train.py."""
+    """A tiny demo and a tiny base pretrained on its corpus by demo.py; the ablation takes both."""
     root = tmp_path_factory.mktemp("ablation")
-    demo = DemoConfig(out=str(root / "demo"), conversations=300, holdout_prompts=16, validation_prompts=16,
+    demo = DemoConfig(out=str(root / "demo"), base_out=str(root / "base"), base_model="tiny",
+                      batch_max_len=1024, conversations=300, holdout_prompts=16, validation_prompts=16,
                       base_documents=200, vocab_size=420, seed=6)
-    base = train.ensure_demo_base(demo, ["--preset=demo-base", f"--data={root}/demo/base-corpus", f"--out={root}/base",
-                                         "--model=tiny", "--batch-max-len=1024", "--export-dtype=float32"])
-    cfg = ablation.AblationConfig(out=str(root / "ablation"), demo=demo.out, base=str(base), seeds=2,
-                                  lrs=[1e-3, 1e-2], epochs=2, batch_max_len=1024)
+    ensure_base(demo)
+    cfg = ablation.AblationConfig(out=str(root / "ablation"), demo=demo.out, seeds=2, lrs=[1e-3, 1e-2],
+                                  epochs=2, batch_max_len=1024)
     return cfg, ablation.ablation(cfg)
 
 
@@ -116,7 +116,7 @@ def test_the_scores_are_those_of_the_export_read_and_each_class_loss_has_its_tra
     crlft = results["C-RLFT (condition + weights)"]["runs"][1]
     export = out / "demo" / "c-rlft" / f"lr-{crlft['spec']['lr']:g}-seed-1" / "exports" / crlft["chosen"]
     gen = Generator.load(export, device="cpu")
-    held_out = read_jsonl(Path(cfg.demo) / "holdout.jsonl")
+    held_out = read_all_records(Path(cfg.demo) / "holdout.jsonl")
     for name, condition in (("C-RLFT (condition + weights)", "GPT4"),
                             ("C-RLFT, prompted with the sub-optimal condition", "GPT3")):
         assert crlft["held_out"][name] == demo_accuracy(gen, held_out, condition, max_new_tokens=cfg.max_new_tokens)

@@ -13,6 +13,7 @@ import eval as evaluation
 from conftest import MISTRAL_TOKENIZER
 from demo import DemoConfig, make_demo
 from model import ModelConfig, Transformer, weighted_cross_entropy
+from records import Message
 from sample import Generator
 
 
@@ -46,7 +47,7 @@ def tokenizer():
 
 def overfit(model, tokenizer, conversations, steps=150, lr=3e-3):
     """Trains the model on (user text, answer) pairs with C-RLFT's loss until it repeats the answers."""
-    rows = [data.tokenize_conversation(tokenizer, [data.Message("user", q), data.Message("assistant", a)],
+    rows = [data.tokenize_conversation(tokenizer, [Message("user", q), Message("assistant", a)],
                                        "GPT4 Correct") for q, a in conversations]
     tokens = torch.tensor([t for ids, _ in rows for t in ids])
     weights = torch.tensor([w for _, ws in rows for w in ws[1:] + [0.0]])
@@ -55,7 +56,7 @@ def overfit(model, tokenizer, conversations, steps=150, lr=3e-3):
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
-        loss = model(tokens, positions, cu, targets=torch.roll(tokens, -1), weights=weights)[0] / weights.sum()
+        loss = model(tokens, positions, cu, targets=torch.roll(tokens, -1), target_weights=weights)[0] / weights.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -79,7 +80,7 @@ def test_log_likelihood_scoring_picks_the_planted_option(tmp_path, tokenizer, ag
     assert trained["likelihood"] == 1.0 and trained["generated"] == 1.0 and trained["too_long"] == 0
     assert untrained["likelihood"] < 0.7  # not a property of the questions: 4 options, random labels
     for it in items[:3]:  # and the scores are log-probabilities of the letters, computed independently
-        prompt = gen.prompt_ids([data.Message("user", it["question"])])
+        prompt = gen.prompt_ids([Message("user", it["question"])])
         with torch.no_grad():
             logits = Transformer.forward(model, torch.tensor([prompt]))[0, -1].log_softmax(-1)
         expected = [logits[tokenizer.encode([o])[0][0]].item() for o in it["options"]]
@@ -101,9 +102,9 @@ def test_mt_bench_answers_are_fastchat_model_answers_of_one_conversation(tokeniz
         [choice] = answer["choices"]
         assert choice["index"] == 0 and len(choice["turns"]) == 2 and all(isinstance(t, str) for t in choice["turns"])
     q = questions[0]  # the second turn is answered after the first, in the same conversation
-    [first] = gen.generate([gen.prompt_ids([data.Message("user", q["turns"][0])])], max_new_tokens=12)
-    history = [data.Message("user", q["turns"][0]), data.Message("assistant", first.text),
-               data.Message("user", q["turns"][1])]
+    [first] = gen.generate([gen.prompt_ids([Message("user", q["turns"][0])])], max_new_tokens=12)
+    history = [Message("user", q["turns"][0]), Message("assistant", first.text),
+               Message("user", q["turns"][1])]
     [second] = gen.generate([gen.prompt_ids(history)], max_new_tokens=12)
     assert by_id[q["question_id"]]["choices"][0]["turns"] == [first.text, second.text]
 
@@ -130,11 +131,14 @@ def test_the_held_out_loss_is_the_weighted_mean_of_the_cross_entropies(demo_dir,
     with torch.no_grad():  # one conversation at a time, full logits, float64
         for o, n, c in zip(split.offsets, split.lengths, split.classes):
             ids = torch.tensor(split.tokens[o:o + n], dtype=torch.long)
-            w = torch.tensor(split.weights[o:o + n], dtype=torch.float64)
+            w = torch.tensor(split.target_weights[o:o + n], dtype=torch.float64)
             numerator = weighted_cross_entropy(model(ids[None])[0].double(), torch.roll(ids, -1), w)
             sums[c] += [numerator.item(), w.sum().item()]
     assert result["conversations"] == len(split.lengths)
-    assert result["per_class"]["GPT4"]["loss"] == pytest.approx(sums[0, 0] / sums[0, 1], rel=1e-5)
-    assert result["per_class"]["GPT3"]["loss"] == pytest.approx(sums[1, 0] / sums[1, 1], rel=1e-5)
+    expert, suboptimal = result["per_class"]  # by class, each with its condition and weight
+    assert (expert["class"], expert["condition"], expert["weight"]) == (0, "GPT4", 1.0)
+    assert (suboptimal["class"], suboptimal["condition"], suboptimal["weight"]) == (1, "GPT3", 0.1)
+    assert expert["loss"] == pytest.approx(sums[0, 0] / sums[0, 1], rel=1e-5)
+    assert suboptimal["loss"] == pytest.approx(sums[1, 0] / sums[1, 1], rel=1e-5)
     assert result["loss"] == pytest.approx(sums[:, 0].sum() / sums[:, 1].sum(), rel=1e-5)
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))

@@ -1,6 +1,6 @@
-"""Generated malformed and hostile input (hypothesis) for data.py's readers and sample.py's HTTP server.
+"""Generated malformed and hostile input (hypothesis) for records.py's readers and sample.py's HTTP server.
 
-data.py: files mixing good records with bad ones of every kind (types, encodings, sizes, nesting, syntax),
+records.py: files mixing good records with bad ones of every kind (types, encodings, sizes, nesting, syntax),
 as JSONL and as JSON arrays, with and without a byte order mark. Under --skip-bad every good record is kept
 and every bad one counted once; nothing raises. The server: raw requests with any method, path, headers and
 body. Each gets an HTTP answer, a JSON error body when it is refused (a stream: an error event, then
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+import records
 from conftest import MISTRAL_TOKENIZER
 from model import ModelConfig, Transformer
 from sample import Generator, make_server
@@ -25,7 +26,7 @@ from sample import Generator, make_server
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------------------------------------------------
-# data.py's readers
+# records.py's readers
 
 text = st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=30).filter(str.strip)
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -51,7 +52,7 @@ def as_bytes(record) -> bytes:
 
 @st.composite
 def bad_record(draw, jsonl: bool) -> bytes:
-    """One record data.py must refuse: valid JSON of the wrong shape, or (JSONL only) not JSON at all."""
+    """One record records.py must refuse: valid JSON of the wrong shape, or (JSONL only) not JSON at all."""
     good = draw(good_record())
     openchat = "items" in good
     messages = good["items"] if openchat else good["conversations"]
@@ -75,7 +76,7 @@ def bad_record(draw, jsonl: bool) -> bytes:
     elif kind == "empty message":
         messages[m][key] = draw(st.sampled_from(["", " ", "\n\t"]))
     elif kind == "unknown role":
-        messages[m]["role" if openchat else "from"] = draw(text.filter(lambda r: r not in data.SHAREGPT_ROLES))
+        messages[m]["role" if openchat else "from"] = draw(text.filter(lambda r: r not in records.SHAREGPT_ROLES))
     elif kind == "no messages":
         messages.clear()
     elif kind == "bad weight":
@@ -109,7 +110,7 @@ def read_with_skip_bad(tmp, content: bytes, name: str):
     path = tmp / name
     path.write_bytes(content)
     counts = Counter()
-    conversations = data.read_conversations([data.Source("GPT4", 1.0, [path])], skip_bad=True, counts=counts)
+    conversations = records.read_conversations([records.Source("GPT4", 1.0, [path])], skip_bad=True, counts=counts)
     bad = sum(v for k, v in counts.items() if k != "leading_assistant_turns_removed")
     return conversations, bad
 
@@ -134,7 +135,7 @@ def test_any_bytes_give_records_counts_or_a_named_error(tmp_path_factory, conten
     tmp = tmp_path_factory.mktemp("bytes", numbered=True)
     try:
         read_with_skip_bad(tmp, content, "chat.json")
-    except data.UnreadableFile as e:
+    except records.UnreadableFile as e:
         assert str(e).startswith(str(tmp / "chat.json"))
 
 

@@ -130,7 +130,7 @@ def test_model_loss_and_every_parameter_gradient_equal_the_naive_loss_on_its_log
     weights[torch.rand(len(tokens)) < 0.3] = 0
     weights[cu[1:] - 1] = 0  # the last token of a conversation predicts nothing
 
-    loss = model(tokens, positions, cu, targets=targets, weights=weights)[0]
+    loss = model(tokens, positions, cu, targets=targets, target_weights=weights)[0]
     loss.backward()
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -172,7 +172,7 @@ def test_padding_rows_of_the_vocabulary_change_nothing_but_the_memory(tmp_path):
     targets, weights = torch.roll(tokens, -1), torch.rand(len(tokens))
     with torch.no_grad():
         assert torch.allclose(padded(tokens, positions, cu), plain(tokens, positions, cu), atol=1e-6)
-    losses = [m(tokens, positions, cu, targets=targets, weights=weights)[0] for m in (padded, plain)]
+    losses = [m(tokens, positions, cu, targets=targets, target_weights=weights)[0] for m in (padded, plain)]
     for loss in losses:
         loss.backward()
     assert abs(losses[0].item() - losses[1].item()) < 1e-5 * losses[1].item()

@@ -14,6 +14,7 @@ import data
 from conftest import ROOT
 from demo import DemoConfig, make_demo
 from model import Transformer
+from records import Message
 from sample import Generator, SampleConfig, fit_history, make_server, sample
 
 PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these numbers in ascending order: 5 1 77 40",
@@ -27,7 +28,7 @@ def export(tmp_path_factory):
     make_demo(DemoConfig(out=str(tmp / "demo"), conversations=240, holdout_prompts=20, validation_prompts=20,
                          base_documents=200, vocab_size=420, seed=1))
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data={tmp / 'demo' / 'dataset'}",
-                          f"--out={tmp / 'run'}", "--model=tiny", "--lr=3e-3", "--epochs=4", "--batch-max-len=256"],
+                          "--base=", f"--out={tmp / 'run'}", "--model=tiny", "--lr=3e-3", "--epochs=4", "--batch-max-len=256"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return tmp / "run" / "exports" / "epoch-4"
@@ -39,7 +40,7 @@ def gen(export):
 
 
 def prompts_of(gen, texts, condition=None):
-    return [gen.prompt_ids([data.Message("user", t)], condition) for t in texts]
+    return [gen.prompt_ids([Message("user", t)], condition) for t in texts]
 
 
 def greedy_by_full_forward(model, prompt, max_new_tokens, eot):
@@ -56,7 +57,7 @@ def greedy_by_full_forward(model, prompt, max_new_tokens, eot):
 
 def test_kv_cache_decoding_equals_greedy_decoding_by_full_forward_passes(gen, export):
     reference = Transformer.from_pretrained(export).eval()
-    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", "3 9 12"), data.Message("user", PROMPTS[1])]
+    history = [Message("user", PROMPTS[0]), Message("assistant", "3 9 12"), Message("user", PROMPTS[1])]
     prompts = prompts_of(gen, PROMPTS) + [gen.prompt_ids(history)]
     for prompt in prompts:
         [done] = gen.generate([prompt], max_new_tokens=24)
@@ -73,9 +74,9 @@ def test_batched_generation_equals_one_by_one(gen):
 def test_a_row_cut_short_by_the_context_decodes_alongside_longer_answers(gen):
     context = gen.model.config.max_seq_len
     sevens = 1
-    while len(gen.prompt_ids([data.Message("user", "Sort: " + "7 " * (sevens + 1))])) <= context - 2:
+    while len(gen.prompt_ids([Message("user", "Sort: " + "7 " * (sevens + 1))])) <= context - 2:
         sevens += 1
-    long_prompt = gen.prompt_ids([data.Message("user", "Sort: " + "7 " * sevens)])  # room for 1 or 2 tokens
+    long_prompt = gen.prompt_ids([Message("user", "Sort: " + "7 " * sevens)])  # room for 1 or 2 tokens
     prompts = prompts_of(gen, PROMPTS[:2]) + [long_prompt]
     together = gen.generate(prompts, max_new_tokens=300)
     alone = [gen.generate([p], max_new_tokens=300)[0] for p in prompts]
@@ -92,9 +93,9 @@ def test_generation_stops_at_the_end_of_the_turn_or_at_the_budget(gen):
 
 
 def test_the_prompt_of_a_conversation_is_its_training_tokens_up_to_the_assistant_prefix(gen):
-    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", "3 9 12"), data.Message("user", PROMPTS[1])]
+    history = [Message("user", PROMPTS[0]), Message("assistant", "3 9 12"), Message("user", PROMPTS[1])]
     prompt = gen.prompt_ids(history, system="Answer with numbers only.")
-    trained, weights = data.tokenize_conversation(gen.tokenizer, history + [data.Message("assistant", "1 5 40 77")],
+    trained, weights = data.tokenize_conversation(gen.tokenizer, history + [Message("assistant", "1 5 40 77")],
                                                   "GPT4", system="Answer with numbers only.")
     assert trained[:len(prompt)] == prompt and weights[len(prompt)] > 0  # the answer starts right after
 
@@ -278,7 +279,7 @@ def test_one_prompt_a_file_of_prompts_and_a_chat_from_the_command_line(gen, expo
     run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}"], cwd=ROOT,
                          input=f"{PROMPTS[0]}\n{second}\n\n", capture_output=True, text=True, timeout=300)
     first_reply = gen.generate(prompts_of(gen, PROMPTS[:1]))[0].text
-    history = [data.Message("user", PROMPTS[0]), data.Message("assistant", first_reply), data.Message("user", second)]
+    history = [Message("user", PROMPTS[0]), Message("assistant", first_reply), Message("user", second)]
     [second_reply] = gen.generate([gen.prompt_ids(history)])
     assert run.returncode == 0
     assert f"model> {first_reply}\n" in run.stdout and f"model> {second_reply.text}\n" in run.stdout
@@ -290,12 +291,12 @@ def test_a_chat_that_outgrows_the_context_forgets_its_oldest_exchanges_and_says_
     long_question = " ".join(PROMPTS * 3)
     history = []
     for turn in range(40):  # far more than the context holds
-        history.append(data.Message("user", long_question))
+        history.append(Message("user", long_question))
         history, prompt = fit_history(gen, history, "GPT4", cfg)
         assert len(prompt) + 16 <= context and history[-1].text == long_question and history[0].role == "user"
-        history.append(data.Message("assistant", "1 2 3"))
+        history.append(Message("assistant", "1 2 3"))
     assert "oldest exchange" in capsys.readouterr().out and len(history) < 80
-    history, prompt = fit_history(gen, [data.Message("user", "9 " * context)], "GPT4", cfg)
+    history, prompt = fit_history(gen, [Message("user", "9 " * context)], "GPT4", cfg)
     assert prompt is None and history == []  # a message longer than the context alone is not sent
 
 

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ import data
 import train
 from conftest import ROOT
 from data import load_split
-from demo import DemoConfig
 from model import ModelConfig, Transformer
+from records import Message
 
 
 def run(args, world=1, check=True, preexec_fn=None, script="train.py"):
@@ -35,7 +34,7 @@ def run(args, world=1, check=True, preexec_fn=None, script="train.py"):
 
 
 def small_run(dataset, out, *extra):
-    return ["--data", dataset, "--out", out, "--model=tiny", "--batch-max-len=512", "--lr=1e-3", "--log-every=1",
+    return ["--data", dataset, "--base=", "--out", out, "--model=tiny", "--batch-max-len=512", "--lr=1e-3", "--log-every=1",
             "--export-dtype=float32", *extra]
 
 
@@ -81,8 +80,9 @@ def test_one_process_and_two_processes_train_alike(dataset, tmp_path):
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        for c in a["loss_per_class"]:
-            assert a["loss_per_class"][c] == pytest.approx(b["loss_per_class"][c], rel=1e-5)
+        assert [c["class"] for c in a["loss_per_class"]] == [0, 1]
+        for c, d in zip(a["loss_per_class"], b["loss_per_class"]):
+            assert c == {**d, "loss": pytest.approx(d["loss"], rel=1e-5)}
     weights_one, weights_two = exported(tmp_path / "one"), exported(tmp_path / "two")
     for name in weights_one:
         torch.testing.assert_close(weights_one[name], weights_two[name], rtol=0, atol=2e-6, msg=name)
@@ -93,10 +93,11 @@ def test_the_recipe_presets_and_the_learning_rate_schedule():
     assert (cfg.model, cfg.batch_max_len, cfg.epochs, cfg.activation_checkpointing) == ("Llama-2-13B", 32768, 2, True)
     assert (cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip) == (0.9, 0.95, 1e-5, 0.1, 1.0)
     assert cfg.lr == 0 and train.load_config(["--preset=mistral-7b"]).lr_scale == pytest.approx(1 / 6)
-    # the demo fine-tunes the demo's base; other data with the demo preset starts from scratch unless told
-    assert train.load_config([]).base == train.DEMO_BASE and train.load_config(["--data=d"]).base == ""
-    assert train.load_config(["--data=d", f"--base={train.DEMO_BASE}"]).base == train.DEMO_BASE
-    assert train.load_config(["--preset=demo-base"]).base == ""
+    # The bare command is the demo's C-RLFT run; a flag given always wins, whatever the others are.
+    demo = train.load_config([])
+    assert (demo.data, demo.base) == ("data/demo/dataset", "runs/demo-base/exports/epoch-1")
+    assert train.load_config(["--data=d"]).base == demo.base
+    assert train.load_config(["--data=d", "--base="]).base == "" and cfg.base == ""
     assert train.auto_lr(200_000) == pytest.approx(6.7e-5, rel=0.01)  # the paper's step
     lrs = [train.learning_rate(s, 200, 1.0, cfg) for s in range(200)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0  # 5% warm-up: 10 steps
@@ -211,30 +212,6 @@ def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transforme
     assert json.loads((export / "config.json").read_text())["eos_token_id"] == eot
 
 
-@pytest.mark.parametrize("condition", ["", "GPT4", "GPT4 Correct"])
-def test_the_exported_chat_template_gives_data_py_ids_at_every_condition(dataset, tmp_path, condition):
-    """transformers' tokenizer of an export renders the very ids of tokenize_conversation, the empty
-    condition of the no-condition variants included ("User:", not " User:")."""
-    import transformers
-    meta = json.loads((dataset / "meta.json").read_text())
-    ours = data.Tokenizer(dataset / "tokenizer.model", meta["template"])
-    shutil.copyfile(dataset / "tokenizer.model", tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(train.tokenizer_config(ours, condition, 256)))
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    turns = [("user", "Sort these numbers: 12 9 3"), ("assistant", "3 9 12"), ("user", "And 40 7?")]
-    for system in (None, "You sort numbers."):
-        chat = [{"role": "system", "content": system}] if system else []
-        chat += [{"role": role, "content": text} for role, text in turns]
-        expected, _ = data.tokenize_conversation(ours, [data.Message(r, t) for r, t in turns], condition, system,
-                                                 inference=True)
-        assert theirs.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
-        # and the text itself, which tokenizers that keep a space after a special token would read apart
-        text = "<s>" + (f"{system}{data.EOT}" if system else "")
-        text += "".join(f"{ours.template.role_prefix(r, condition)} {t}{data.EOT}" for r, t in turns)
-        assert theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
-            text + ours.template.role_prefix("assistant", condition))
-
-
 @pytest.mark.parametrize("vocab_multiple", [1, 64])
 def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path,
                                                                                     vocab_multiple):
@@ -285,7 +262,7 @@ def test_the_demo_config_overfits_a_small_batch(dataset):
     model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=meta["tokenizer"]["vocab_size"]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     batch = train.make_batch(split, list(range(8)), torch.device("cpu"))
-    weight_sum = batch.weights.sum().item()
+    weight_sum = batch.target_weights.sum().item()
     for _ in range(120):
         stats, _ = train.forward_backward(model, [batch], weight_sum, n_classes=2)
         optimizer.step()
@@ -295,38 +272,17 @@ def test_the_demo_config_overfits_a_small_batch(dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The demo's base model
-
-
-def test_the_demo_base_is_pretrained_once_as_a_plain_language_model_and_fine_tuned_from(tmp_path, capfd):
-    """ensure_demo_base pretrains with train.py's preset demo-base when the base is missing, reuses it while the
-    demo data and the preset are unchanged and pretrains again when either changes. The base has the
-    tokenizer's own vocabulary, no chat template and EOS as its end; fine-tuning it adds the EOT row."""
-    demo = DemoConfig(out=str(tmp_path / "demo"), conversations=240, holdout_prompts=10, validation_prompts=10,
-                      base_documents=200, vocab_size=420, seed=2)
-    argv = ["--preset=demo-base", f"--data={tmp_path}/demo/base-corpus", f"--out={tmp_path}/base", "--model=tiny",
-            "--batch-max-len=1024", "--export-dtype=float32"]
-    export = train.ensure_demo_base(demo, argv)
-    assert "pretraining the demo's base model" in capfd.readouterr().out
-    config = json.loads((export / "config.json").read_text())
-    assert (config["vocab_size"], config["eos_token_id"]) == (420, 2)
-    assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
-    made = (export / "model.safetensors").stat().st_mtime_ns
-
-    assert train.ensure_demo_base(demo, argv) == export  # unchanged: reused
-    assert "pretraining" not in capfd.readouterr().out and (export / "model.safetensors").stat().st_mtime_ns == made
-    train.ensure_demo_base(demo, argv + ["--lr=1e-3"])  # another preset: pretrained again
-    assert "pretraining" in capfd.readouterr().out
-    train.ensure_demo_base(replace(demo, seed=3), argv + ["--lr=1e-3"])  # other demo data: both made again
-    assert "making the demo data" in (out := capfd.readouterr().out) and "pretraining" in out
-
-    run(small_run(tmp_path / "demo" / "dataset", tmp_path / "tuned", "--base", export, "--max-steps=2"))
-    tuned = json.loads((tmp_path / "tuned" / "exports" / "step-2" / "config.json").read_text())
-    assert tuned["vocab_size"] == 421 and tuned["eos_token_id"] == 420  # <|end_of_turn|> appended
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Bad input and faults
+
+
+def test_the_bare_command_without_the_demo_data_says_in_one_line_how_to_make_it(tmp_path):
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"]):
+        result = subprocess.run(launcher + [str(ROOT / "train.py")], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode != 0 and "[rank0]:" not in result.stderr  # no rank's traceback
+        assert result.stderr.count("error: data/demo/dataset/meta.json is missing (`python demo.py` makes "
+                                   "the demo's data and base)") == 1
 
 
 def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
@@ -369,13 +325,13 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_batch(dataset, 
             os.symlink(item, poisoned / item.name)
     (poisoned / "train").mkdir()
     for item in (dataset / "train").iterdir():
-        if item.name != "weights.npy":
+        if item.name != "target_weights.npy":
             os.symlink(item, poisoned / "train" / item.name)
     split = load_split(dataset)
-    weights = np.array(split.weights)
+    weights = np.array(split.target_weights)
     victim = 17
     weights[split.offsets[victim] + split.lengths[victim] - 2] = np.nan  # an answer token of one conversation
-    np.save(poisoned / "train" / "weights.npy", weights)
+    np.save(poisoned / "train" / "target_weights.npy", weights)
     result = run(small_run(poisoned, tmp_path / "out", "--save-every=1"), check=False)
     assert result.returncode != 0 and "non-finite loss at step" in result.stderr
     named = result.stderr.split("micro-batch 1 (conversations [")[1].split("]")[0]

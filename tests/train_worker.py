@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import train  # noqa: E402
 from model import ModelConfig, Transformer, weighted_cross_entropy  # noqa: E402
+from records import Message  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -55,7 +56,7 @@ def step_identity(data_dir):
     for b in bins:
         batch = train.make_batch(split, b, CPU)
         logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
-        w = batch.weights.double()
+        w = batch.target_weights.double()
         numerator = numerator + weighted_cross_entropy(logits, batch.targets, w)
         denominator += w.sum().item()
     (numerator / denominator).backward()
@@ -74,7 +75,7 @@ def base_loading(data_dir, base_dir, vocab_multiple="1"):
     rows = base.config.vocab_size
     assert model.config.vocab_size == meta["tokenizer"]["vocab_size"] > rows
     loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
-    assert len(loaded["lm_head.weight"]) == model.config.rows and model.config.rows % int(vocab_multiple) == 0
+    assert len(loaded["lm_head.weight"]) == model.config.padded_vocab_size and model.config.padded_vocab_size % int(vocab_multiple) == 0
     for name, p in base.named_parameters():
         if name in ("embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(loaded[name][:rows], p)
@@ -101,10 +102,10 @@ def tied_base(data_dir, base_dir):
     # Every rank the same micro-batch and the step's Σ w that of all ranks: the ranks' gradients sum to the
     # gradient of this one batch's Σ w·CE / Σ w.
     batch = train.make_batch(split, list(range(6)), CPU)
-    weight_sum = batch.weights.sum().item()
+    weight_sum = batch.target_weights.sum().item()
     train.forward_backward(model, [batch], world * weight_sum, len(meta["sources"]))
     logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
-    (weighted_cross_entropy(logits, batch.targets, batch.weights.double()) / weight_sum).backward()
+    (weighted_cross_entropy(logits, batch.targets, batch.target_weights.double()) / weight_sum).backward()
     err = relative_error(model.embed_tokens.weight.grad.full_tensor(), reference.embed_tokens.weight.grad)
     assert err < 1e-5, f"the tied gradient is off by {err:.2e}"
     print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
@@ -118,10 +119,10 @@ def bf16_weights(data_dir):
     model = train.build_model(train.TrainConfig(data=data_dir, model="tiny"), meta, init_device_mesh("cpu", (world,)),
                               CPU, torch.bfloat16)
     batch = train.make_batch(split, [int(i) for i in (split.classes == 1).nonzero()[0][rank * 4:rank * 4 + 4]], CPU)
-    assert batch.weights.dtype == torch.float32 and torch.isclose(batch.weights.max(), torch.tensor(0.1))
+    assert batch.target_weights.dtype == torch.float32 and torch.isclose(batch.target_weights.max(), torch.tensor(0.1))
     loss_sum, ce, _ = model(batch.tokens, batch.positions, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                            targets=batch.targets, weights=batch.weights, supervised=batch.supervised)
-    exact = (batch.weights.double() * ce.double()).sum()
+                            targets=batch.targets, target_weights=batch.target_weights, supervised=batch.supervised)
+    exact = (batch.target_weights.double() * ce.double()).sum()
     err = abs(loss_sum.double() - exact).item() / exact.item()
     assert err < 1e-6, f"Σ w·CE is off by {err:.2e} (relative) from the float32 weights'"
     print(f"rank {rank}: bf16 compute, float32 weights", flush=True)
@@ -137,7 +138,7 @@ def sharded_state(data_dir):
     model = train.build_model(cfg, meta, init_device_mesh("cpu", (world,)), CPU, torch.float32)
     optimizer = train.make_optimizer(model, cfg, 1e-3)
     batch = train.make_batch(split, [rank], CPU)
-    train.optimizer_step(model, optimizer, [batch], batch.weights.sum().item() * world, len(meta["sources"]), 1.0)
+    train.optimizer_step(model, optimizer, [batch], batch.target_weights.sum().item() * world, len(meta["sources"]), 1.0)
     held = lambda tensors: sum(t.to_local().numel() * t.element_size() for t in tensors)  # noqa: E731
     params = list(model.parameters())
     train.forward_backward(model, [batch], 1.0, len(meta["sources"]))  # the step cleared the gradients
@@ -175,7 +176,7 @@ def export_logits(data_dir, out):
         "<s>GPT4 User: Sort: 3, 12, 1<|end_of_turn|>GPT4 Assistant: 1, 3, 12<|end_of_turn|>GPT4 User: Now 9, 40"
         "<|end_of_turn|>GPT4 Assistant:")
     ours = data.Tokenizer(Path(export) / "tokenizer.model", "openchat_v3.2")
-    expected, _ = data.tokenize_conversation(ours, [data.Message(r, t) for r, t in turns], "GPT4", inference=True)
+    expected, _ = data.tokenize_conversation(ours, [Message(r, t) for r, t in turns], "GPT4", inference=True)
     assert tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == expected
     print("export matches", flush=True)
 

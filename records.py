@@ -1,0 +1,411 @@
+"""Conversations as users write them: sources, their files and their records, read and checked.
+
+A source is a condition, a class weight and files (METHOD.md §5). A file is a JSON array or JSONL
+of ShareGPT records ({"conversations": [{"from", "value"}]}) or OpenChat ones ({"items": [{"role",
+"content", "weight"?}], "condition"?, "system"?}). Every record becomes a Conversation of Messages,
+or BadInput naming its file, line and field; data.py's prepare stops at the first, or with
+--skip-bad skips and counts it by reason.
+
+Read top to bottom: what a conversation is; sources; reading files record by record; checking a
+record.
+"""
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    text: str
+    weight: float | None = None  # its own weight (OpenChat JSONL) wins over its class weight
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    condition: str
+    system: str | None
+    class_id: int  # the index of its source: its class
+    where: str  # file and line, for messages about it
+
+    def texts(self) -> list[str]:
+        """What the tokenizer encodes: the system prompt if any, then each message's text."""
+        return ([self.system] if self.system else []) + [m.text for m in self.messages]
+
+
+class BadInput(ValueError):
+    """A record we cannot use. str() names the file, line and problem; `reason` is what --skip-bad
+    counts it under (one of BAD_REASONS)."""
+
+    def __init__(self, reason: str, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason
+
+
+BAD_REASONS = ("malformed_json", "missing_field", "wrong_type", "unknown_role", "misplaced_system",
+               "empty_conversation", "empty_message", "invalid_utf8", "bad_weight", "too_long")
+
+
+class UnreadableFile(ValueError):
+    """A file that cannot be read record by record: not skipped even with --skip-bad, since the
+    records after the fault could not be counted (a JSON array broken mid-file, text after its
+    closing ']')."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    condition: str
+    weight: float
+    files: list[Path]
+
+
+def parse_source_flag(text: str) -> Source:
+    """CONDITION:WEIGHT:FILE[,FILE...], as given to --source."""
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not parts[2]:
+        raise ValueError(f"--source={text!r}: expected CONDITION:WEIGHT:FILE[,FILE...]")
+    files = [Path(f) for f in parts[2].split(",")]
+    return Source(parts[0], parse_weight(parts[1], f"--source={text!r}"), files)
+
+
+def read_source_spec(path: Path) -> list[Source]:
+    """A JSON list of {"condition", "weight", "files"}; relative file names are relative to the
+    spec."""
+    expected = (f"{path}: expected a JSON list of "
+                f"{{\"condition\": str, \"weight\": number, \"files\": [str, ...]}}")
+    try:
+        spec = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{expected} ({e})") from None
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"{expected}, not {json.dumps(spec)[:60]}")
+    sources = []
+    for i, s in enumerate(spec):
+        files = s.get("files") if isinstance(s, dict) else None
+        if not (isinstance(files, list) and files and all(isinstance(f, str) and f for f in files)
+                and isinstance(s.get("condition"), str)):
+            raise ValueError(f"{expected}; source {i} is {json.dumps(s)[:80]}")
+        where = f"{path}: source {i}"
+        condition = checked_utf8(s["condition"], where, "its condition")
+        weight = parse_weight(s.get("weight"), where)
+        sources.append(Source(condition, weight, [path.parent / f for f in files]))
+    return sources
+
+
+def parse_weight(value, where: str) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: weight {value!r} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{where}: weight {value!r} must be a finite number >= 0")
+    return weight
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, record by record
+
+
+def read_text(path: Path) -> str:
+    """A file's text. Invalid UTF-8 is kept as lone surrogates and refused where it is used; a
+    UTF-8 byte order mark is dropped."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def parse_int(digits: str):
+    """Integers longer than Python converts (4,300 digits) read as infinity: the field that holds
+    one is then refused with its record named, instead of json raising with no line."""
+    return int(digits) if len(digits) < 4300 else math.inf
+
+
+DECODER = json.JSONDecoder(parse_int=parse_int)
+
+
+def read_records(path: Path):
+    """Yields (record, where) for each record of a JSON array or a JSONL file, or (BadInput, where)
+    for one that cannot be parsed. A .jsonl file is JSONL; another is a JSON array if it starts
+    with '['. A file with no record at all is an error, not an empty dataset."""
+    text = read_text(path)
+    array = path.suffix != ".jsonl" and text.lstrip().startswith("[")
+    found = 0
+    items = json_array_items(text, path) if array else jsonl_items(text, path)
+    for found, item in enumerate(items, 1):
+        yield item
+    if not found:
+        raise UnreadableFile(f"{path} holds no records")
+
+
+def read_all_records(path: Path) -> list:
+    """Every record of a file whose records must all parse (prompts, questions): the first that does
+    not is an error naming its line."""
+    records = []
+    for record, _ in read_records(path):
+        if isinstance(record, BadInput):
+            raise record
+        records.append(record)
+    return records
+
+
+def jsonl_items(text: str, path: Path):
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            yield DECODER.decode(line), where
+        except json.JSONDecodeError as e:
+            yield BadInput("malformed_json", where,
+                           f"malformed JSON: {e.msg} (column {e.colno})"), ""
+        except RecursionError:
+            yield BadInput("malformed_json", where, "JSON nested too deeply to read"), ""
+
+
+def json_array_items(text: str, path: Path):
+    """Record by record (json.JSONDecoder.raw_decode). A file cut off inside its last record (the
+    real ShareGPT file is one) yields what precedes the cut and then the cut record as bad input. A
+    fault anywhere else leaves the following records unfindable: UnreadableFile."""
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, text.index("[") + 1).end()
+    line, counted, index = 1, 0, 0
+    while not text.startswith("]", pos):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        where = f"{path}:{line} (record {index})"
+        try:
+            record, pos = DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip()):
+                yield BadInput("malformed_json", where, "malformed JSON: the file ends inside this "
+                                                        "record"), ""
+                return
+            raise UnreadableFile(
+                f"{where}: malformed JSON: {e.msg} (line {e.lineno}, column {e.colno}); the "
+                f"records after it cannot be found in a JSON array: fix it, or write the file as "
+                f"JSONL (one record per line), where --skip-bad can skip a bad line") from None
+        except RecursionError:
+            raise UnreadableFile(f"{where}: JSON nested too deeply to read") from None
+        yield record, where
+        index += 1
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            raise UnreadableFile(f"{where}: malformed JSON: expected ',' or ']' after the record")
+    line += text.count("\n", counted, pos)
+    if text[pos + 1:].strip():
+        raise UnreadableFile(f"{path}:{line}: text after the array's closing ']'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Records → conversations
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system"}
+OPENCHAT_ROLES = ("user", "assistant", "system")
+
+
+def get_field(obj, key: str, kind, where: str, what: str, required=True):
+    if key not in obj:
+        if required:
+            raise BadInput("missing_field", where, f"{what} has no {key!r}")
+        return None
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        expected = "a number" if kind == (int, float) else kind.__name__
+        raise BadInput("wrong_type", where,
+                       f"{what}: {key!r} is {type(value).__name__}, not {expected}")
+    return value
+
+
+def checked_text(text: str, where: str, what: str) -> str:
+    if not text.strip():
+        raise BadInput("empty_message", where, f"{what} is empty")
+    return checked_utf8(text, where, what)
+
+
+def checked_utf8(text: str, where: str, what: str) -> str:
+    """Invalid UTF-8 in a file, or a lone surrogate escaped in its JSON, cannot be tokenized:
+    refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput("invalid_utf8", where,
+                       f"{what} is not valid UTF-8 (at character {e.start})") from None
+    return text
+
+
+def system_first(role: str, i: int, where: str, what: str):
+    """A system message is the conversation's system prompt: first, or refused."""
+    if role == "system" and i != 0:
+        raise BadInput("misplaced_system", where, f"{what}: a system message must come first")
+
+
+def parse_openchat(record: dict, where: str) -> tuple[list[Message], str | None, str | None]:
+    """(messages, condition, system) of {"items", "condition"?, "system"?}. A "system" item is the
+    system prompt when it is the first item and the record has no "system" field; anywhere else it
+    is refused."""
+    items = get_field(record, "items", list, where, "the record")
+    condition = get_field(record, "condition", str, where, "the record", required=False)
+    system = get_field(record, "system", str, where, "the record", required=False) or None
+    for value, what in ((condition, "its condition"), (system, "its system message")):
+        if value is not None:
+            checked_utf8(value, where, what)
+    messages = []
+    for i, item in enumerate(items):
+        what = f"item {i}"
+        if not isinstance(item, dict):
+            raise BadInput("wrong_type", where, f"{what} is not an object")
+        role = get_field(item, "role", str, where, what)
+        if role not in OPENCHAT_ROLES:
+            raise BadInput("unknown_role", where,
+                           f"{what}: unknown role {role!r} (user, assistant, or system as item 0)")
+        system_first(role, i, where, what)
+        weight = get_field(item, "weight", (int, float), where, what, required=False)
+        if weight is not None and not (math.isfinite(weight) and weight >= 0):
+            raise BadInput("bad_weight", where, f"{what}: weight {weight} must be finite and >= 0")
+        text = checked_text(get_field(item, "content", str, where, what), where, what)
+        if role != "system":
+            messages.append(Message(role, text, None if weight is None else float(weight)))
+        elif system is not None:
+            raise BadInput("misplaced_system", where,
+                           f"{what}: a system item and a 'system' field: give the system once")
+        else:
+            system = text
+    return messages, condition, system
+
+
+def parse_sharegpt(record: dict, where: str) -> tuple[list[Message], str | None]:
+    """(messages, system) of {"conversations": [{"from", "value"}]}: a system message first only."""
+    turns = get_field(record, "conversations", list, where, "the record")
+    system, messages = None, []
+    for i, turn in enumerate(turns):
+        what = f"message {i}"
+        if not isinstance(turn, dict):
+            raise BadInput("wrong_type", where, f"{what} is not an object")
+        role = SHAREGPT_ROLES.get(get_field(turn, "from", str, where, what))
+        if role is None:
+            raise BadInput("unknown_role", where, f"{what}: unknown role {turn['from']!r} "
+                                                  f"(one of {', '.join(SHAREGPT_ROLES)})")
+        system_first(role, i, where, what)
+        text = checked_text(get_field(turn, "value", str, where, what), where, what)
+        if role == "system":
+            system = text
+        else:
+            messages.append(Message(role, text))
+    return messages, system
+
+
+def parse_record(record, source: Source, class_id: int, where: str) -> Conversation:
+    """A ShareGPT or an OpenChat record as a Conversation of its source's class; an OpenChat
+    record's own condition wins over its source's."""
+    if not isinstance(record, dict):
+        raise BadInput("wrong_type", where, f"a record must be a JSON object, not "
+                                            f"{type(record).__name__}")
+    condition = None
+    if "items" in record:
+        messages, condition, system = parse_openchat(record, where)
+    elif "conversations" in record:
+        messages, system = parse_sharegpt(record, where)
+    else:
+        raise BadInput("missing_field", where,
+                       "the record has neither 'conversations' (ShareGPT) nor 'items' (OpenChat)")
+    if not messages:
+        raise BadInput("empty_conversation", where, "the conversation has no messages")
+    condition = source.condition if condition is None else condition
+    return Conversation(messages, condition, system, class_id, where)
+
+
+def read_conversations(sources: list[Source], skip_bad: bool,
+                       counts: Counter) -> list[Conversation]:
+    """Every conversation of every source. Bad input raises, or with skip_bad is counted by reason.
+    Leading assistant turns are removed: ShareGPT splits long conversations, and a part that starts
+    with an answer has lost its question (FastChat's training code skips them the same way)."""
+    conversations = []
+    for class_id, source in enumerate(sources):
+        for path in source.files:
+            for record, where in read_records(path):
+                try:
+                    if isinstance(record, BadInput):
+                        raise record
+                    conversation = parse_record(record, source, class_id, where)
+                except BadInput as bad:
+                    if not skip_bad:
+                        raise
+                    counts[bad.reason] += 1
+                    continue
+                messages = conversation.messages
+                first_question = next((i for i, m in enumerate(messages) if m.role == "user"),
+                                      len(messages))
+                if first_question:
+                    counts["leading_assistant_turns_removed"] += 1
+                    conversation.messages = messages[first_question:]
+                conversations.append(conversation)
+    return conversations
+
+
+# Refusal boilerplate whose answers the reference's data cleaning gave weight 0 (METHOD.md §2).
+REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|"
+                     r"i'm sorry, but as an ai|i am sorry, but as an ai|i cannot fulfill|"
+                     r"i'm unable to assist", re.IGNORECASE)
+
+
+def zero_refusals(conversations: list[Conversation], counts: Counter):
+    """Weight 0 for every answer with refusal boilerplate (--zero-refusals), counted."""
+    for c in conversations:
+        for m in c.messages:
+            if m.role == "assistant" and REFUSAL.search(m.text):
+                m.weight = 0.0
+                counts["refusals_zeroed"] += 1
+
+
+def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: bool,
+             counts: Counter) -> bool:
+    """Whether a conversation of n_tokens > max_len is kept, cut to max_len (truncate, counted);
+    else it is bad input, raised or skipped and counted (skip_bad)."""
+    if truncate:
+        counts["truncated"] += 1
+        return True
+    bad = BadInput("too_long", where, f"{n_tokens} tokens, longer than max_len={max_len} "
+                                      f"(--truncate cuts it, --skip-bad skips it)")
+    if not skip_bad:
+        raise bad
+    counts[bad.reason] += 1
+    return False
+
+
+def counts_report(counts: Counter) -> dict:
+    """What meta.json says of the records: skipped as bad input by reason, dropped, modified."""
+    modified = ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")
+    return {"skipped_bad_input": {r: counts[r] for r in BAD_REASONS if counts[r]},
+            "dropped": {"no_supervised_token": counts["no_supervised_token"]},
+            "modified": {k: counts[k] for k in modified}}
+
+
+def read_texts(path: Path) -> list[tuple[str, str]]:
+    """(text, where) for each record {"text"} of a plain-text JSONL file; bad input names file and
+    line."""
+    texts = []
+    for record, where in read_records(path):
+        if isinstance(record, BadInput):
+            raise record
+        if not isinstance(record, dict):
+            raise BadInput("wrong_type", where, f"a record must be a JSON object, not "
+                                                f"{type(record).__name__}")
+        text = get_field(record, "text", str, where, "the record")
+        texts.append((checked_text(text, where, "the text"), where))
+    return texts
