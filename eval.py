@@ -57,7 +57,7 @@ def in_batches(items, size: int, what: str, progress=True):
 
 
 # --------------------------------------------------------------------------------------------------
-# loss: the held-out weighted loss (METHOD.md §2's L, without training)
+# loss: the held-out weighted loss (METHOD.md §4's L, without training)
 
 
 @torch.no_grad()

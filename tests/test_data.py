@@ -113,7 +113,7 @@ def test_the_published_vector_and_its_weights(tmp_path):
 def test_both_template_families_and_their_inference_prompts():
     v32, v35 = Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2"), Tokenizer(MISTRAL_TOKENIZER, "openchat_3.5")
     assert (v32.vocab_size, v35.vocab_size) == (32001, 32002)
-    # METHOD.md §3's check of the v3.2 template, with the Mistral vocabulary ("4" is 28781, "Hello" 22557).
+    # METHOD.md §2's check of the v3.2 template, with the Mistral vocabulary ("4" is 28781, "Hello" 22557).
     ids, _ = tokenize_conversation(v32, [Message("user", "Hello")], "GPT4", inference=True)
     assert ids == [1, 420, 6316, 28781, 1247, 28747, 22557, 32000, 420, 6316, 28781, 21631, 28747]
     # The 3.5 family answers as "GPT4 Correct Assistant:".

@@ -1,4 +1,4 @@
-"""train.py in real processes (python and torchrun, gloo on CPU): the normalisation of METHOD.md §2 against a
+"""train.py in real processes (python and torchrun, gloo on CPU): the normalisation of METHOD.md §4 against a
 float64 computation, one process against two, interruption and resumption, exports, and the faults."""
 
 import json
@@ -48,7 +48,7 @@ def exported(out):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The normalisation (METHOD.md §2)
+# The normalisation (METHOD.md §4)
 
 
 def test_two_micro_batches_of_k_tokens_equal_one_batch_of_2k(dataset):

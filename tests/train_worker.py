@@ -1,6 +1,6 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
-  train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §2, in float64
+  train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §4, in float64
   train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
                                              vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
@@ -49,7 +49,7 @@ def step_identity(data_dir):
     batches = [train.make_batch(split, b, CPU) for b in mine]
     train.forward_backward(model, batches, train.step_weight_sum(weight_of, bins), n_classes)
 
-    # METHOD.md §2 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
+    # METHOD.md §4 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
     torch.manual_seed(cfg.seed)
     reference = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"])).double()
     numerator, denominator = 0, 0
