@@ -1,4 +1,4 @@
-"""The demo, from nothing to a fine-tuned model on a CPU in about five minutes:
+"""The demo, from nothing to a fine-tuned model on a 2-core CPU in 4.5 to 8 minutes:
 
   python demo.py            # data, base model, C-RLFT, evaluation; each made only when missing
   python demo.py --help     # the generator's parameters

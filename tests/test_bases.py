@@ -157,7 +157,7 @@ def small_sharegpt_sources(sharegpt_file, out, n=6):
 
 
 def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, sharegpt_file, tmp_path):
-    """The tiny version of the README's real run: a few steps of train.py from SmolLM2-135M-Instruct (tied
+    """The tiny version of REAL_WEIGHTS.md's run: a few steps of train.py from SmolLM2-135M-Instruct (tied
     embeddings, 49,152-token BPE) with the 3.6 template, whose three special tokens are new rows. The export keeps
     the tie, transformers gives its logits, and sample.py answers from it."""
     dataset = tmp_path / "dataset"
