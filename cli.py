@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import time
 import typing
+from pathlib import Path
 
 
 def arg(default, help: str):
@@ -85,7 +86,7 @@ def run_commands(commands: dict, argv, doc: str) -> int:
     if not argv or argv[0] not in commands:
         print(doc + "\ncommands: " + ", ".join(f"{name} ({help})" for name, (_, _, help)
                                               in commands.items())
-              + "\n`python PROGRAM COMMAND --help` lists a command's options.")
+              + f"\n`python {Path(sys.argv[0]).name} COMMAND --help` lists a command's options.")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     cls, run, help = commands[argv[0]]
     return run_command(cls, run, argv[1:], help)

@@ -4,12 +4,14 @@
                          --tokenizer=tokenizer.model --out=data/mine
   python data.py show --data=data/demo/dataset --index=3   # what C-RLFT learns from a conversation
 
-Read top to bottom (METHOD.md §2 and §6): 1. the template, the tokens a conversation becomes;
-2. which of them are learned with which weight, and the shift onto the predicting positions (the
-method's first hop); 3. the same template as Jinja, for the exports; 4. prepare: every conversation
-tokenised, weighted, shifted and written as memory-mapped arrays; 5. multipack: conversations into
-packed streams per rank, at train time; 6. show: a prepared conversation with its weights. Reading
-users' files is records.py's work; tokenizer files are tokenizer_files.py's.
+Read top to bottom (METHOD.md §2 and §6):
+  1. The template: the tokens a conversation becomes, its condition in every role prefix.
+  2. The weights and the shift onto the positions that predict them: the method's first hop.
+  3. The same template as Jinja, for the exports.
+  4. prepare: every conversation tokenised, weighted, shifted and written as memory-mapped arrays.
+  5. Multipack: conversations into packed streams per rank, at train time.
+  6. show: a prepared conversation with the weight of each token.
+Users' files are read and checked by records.py; tokenizer files are tokenizer_files.py's.
 """
 
 import hashlib
@@ -58,8 +60,7 @@ class Template:
 TEMPLATES = {
     "openchat_v3.2": Template(EOT, (EOT,), "GPT4"),  # the paper's model (Llama-2-13B)
     "openchat_3.5": Template(EOT, (EOT, "<|pad_0|>"), "GPT4 Correct"),  # Mistral-7B
-    # OpenChat 3.6 (Llama-3-8B): Llama-3's own header and end-of-turn tokens (no new rows there);
-    # the system prompt is a role.
+    # OpenChat 3.6 (Llama-3-8B): Llama-3's own tokens (no new rows); the system prompt is a role.
     "openchat_3.6": Template(
         "<|eot_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "GPT4 Correct",
         header=("<|start_header_id|>", "<|end_header_id|>\n\n")),

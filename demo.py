@@ -375,18 +375,21 @@ def ensure_fine_tuned(cfg: DemoConfig) -> Path:
 
 
 def ensure_run(out: str, flags: list[str], made: dict, what: str) -> Path:
-    """A train.py run into `out`, again (from scratch) unless it finished with these flags from
-    these inputs (its made_with.json). Returns its last export."""
+    """A train.py run into `out`, the demo's own folder: made again from scratch unless it
+    finished with these flags from these inputs (its made_with.json). Returns its last export."""
     record = Path(out) / "made_with.json"
     made = {**made, "train": flags}
     if record.exists() and read_json(record) == made:
-        export = max((Path(out) / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
-        print(f"{what}: already done, {export}", flush=True)
-        return export
+        print(f"{what}: already done, {last_export(out)}", flush=True)
+        return last_export(out)
     print(f"\n{what} into {out}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     run_script("train.py", flags)
     write_json(record, made)
+    return last_export(out)
+
+
+def last_export(out: str) -> Path:
     return max((Path(out) / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
 
 

@@ -649,8 +649,8 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
         if at.step % cfg.log_every == 0 or at.step == plan.total_steps:
             metrics.row(at, lr, grad_norm)
         epoch_done = at.next_step == len(plan.epochs[at.epoch])
-        if (cfg.save_every and at.step % cfg.save_every == 0) or epoch_done \
-                or at.step == plan.total_steps:
+        every = cfg.save_every and at.step % cfg.save_every == 0
+        if every or epoch_done or at.step == plan.total_steps:
             save_checkpoint(model, optimizer, out, at, cfg, rank)
         if name := export_name(at, plan.epochs, plan.total_steps):
             last_export = out / "exports" / name
