@@ -97,7 +97,10 @@ class Progress:
     done of the total, their rate (and tokens/s when counted) and the time left."""
 
     def __init__(self, what: str, total: int, every: float = 2.0, show: bool = True):
-        self.what, self.total, self.every, self.show = what, total, every, show
+        self.what = what
+        self.total = total
+        self.every = every
+        self.show = show
         self.done = self.tokens = 0
         self.start = self.last = time.perf_counter()
 

@@ -760,9 +760,12 @@ class MetricsLog:
         elapsed = time.perf_counter() - self.start
         seconds_per_step = (time.perf_counter() - self.run_start) / (at.step - self.start_step)
         ce, correct, weight = stats.sum(0).tolist()
-        per_class = [{"class": c, "condition": s["condition"], "weight": s["weight"],
-                      "loss": (ce_c / w_c if w_c else None)}
-                     for c, (s, (ce_c, _, w_c)) in enumerate(zip(self.sources, stats.tolist()))]
+        per_class = []
+        for c, (source, class_stats) in enumerate(zip(self.sources, stats.tolist())):
+            class_ce, _, class_weight = class_stats
+            per_class.append({"class": c, "condition": source["condition"],
+                              "weight": source["weight"],
+                              "loss": class_ce / class_weight if class_weight else None})
         mfu = None
         if self.peak_flops:
             mfu = self.flops / elapsed / self.peak_flops / dist.get_world_size()
