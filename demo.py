@@ -26,6 +26,7 @@ data through data.py's pipeline; the runs.
 """
 
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -325,9 +326,13 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
 
 
 def made_with(cfg: DemoConfig) -> dict:
-    """The configuration, the generator's code (this file's hash) and the dataset format: what
-    demo.json records."""
-    generator = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """The configuration, the generator's code (a hash of the functions that write the data, not of
+    the runs below) and the dataset format: what demo.json records."""
+    writers = (number_list, words, expert_answer, suboptimal_answer, slip, draw_prompts,
+               write_conversations, write_prompts, statements, base_document, make_demo,
+               train_tokenizer, prepare_text)
+    code = repr(DEMO_PROMPTS) + "".join(inspect.getsource(f) for f in writers)
+    generator = hashlib.sha256(code.encode()).hexdigest()[:16]
     return {**asdict(cfg), "generator": generator, "dataset_format": data.FORMAT}
 
 
