@@ -23,6 +23,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -580,8 +581,9 @@ def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
     return RunPlan(epochs, total_steps, conversation_weights(split), supervised, per_step)
 
 
-def train(cfg: TrainConfig):
-    """The whole run in an initialised process group; returns the model and its last export."""
+def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
+    """The whole run in an initialised process group; returns the model and its last export. With
+    `stops`, a SIGTERM or SIGINT ends the run early with a checkpoint (Stopped)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = default_device()
     out = Path(cfg.out)
@@ -611,8 +613,11 @@ def train(cfg: TrainConfig):
         f"step); peak lr {peak_lr:.3g}")
     metrics = MetricsLog(meta["sources"], plan.total_steps, matmul_peak_flops(device), device, log,
                          at.step, open(out / "metrics.jsonl", "a") if rank == 0 else None)
-    last_export = run_steps(model, optimizer, split, meta, plan, at, peak_lr, cfg, metrics)
-    metrics.close()
+    try:
+        last_export = run_steps(model, optimizer, split, meta, plan, at, peak_lr, cfg, metrics,
+                                stops)
+    finally:
+        metrics.close()
     log(f"\ndone: {plan.total_steps} steps in {time.perf_counter() - metrics.run_start:.0f}s. The "
         f"model: {last_export}\n  sample:   python sample.py --checkpoint {last_export}\n"
         f"  evaluate: python eval.py loss --checkpoint {last_export} --data {cfg.data}")
@@ -620,9 +625,10 @@ def train(cfg: TrainConfig):
 
 
 def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_lr: float,
-              cfg: TrainConfig, metrics: "MetricsLog") -> Path | None:
+              cfg: TrainConfig, metrics: "MetricsLog", stops=None) -> Path | None:
     """The optimizer steps from `at` to the plan's end, each logged, checkpointed and exported as
-    cfg says; returns the last export."""
+    cfg says; returns the last export. A stop request ends the run after the step it came in,
+    logged and checkpointed: Stopped."""
     rank = dist.get_rank()
     device = default_device()
     out = Path(cfg.out)
@@ -646,15 +652,18 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
         lengths = split.lengths[[i for b in bins for i in b]]
         metrics.add(stats, lengths, int(sum(plan.conversation_supervised[b].sum() for b in bins)),
                     step_flops(model.config, lengths))
-        if at.step % cfg.log_every == 0 or at.step == plan.total_steps:
+        stop = stops.agreed(device) if stops else 0  # the same on every rank
+        if at.step % cfg.log_every == 0 or at.step == plan.total_steps or stop:
             metrics.row(at, lr, grad_norm)
         epoch_done = at.next_step == len(plan.epochs[at.epoch])
         every = cfg.save_every and at.step % cfg.save_every == 0
-        if every or epoch_done or at.step == plan.total_steps:
+        if every or epoch_done or at.step == plan.total_steps or stop:
             save_checkpoint(model, optimizer, out, at, cfg, rank)
         if name := export_name(at, plan.epochs, plan.total_steps):
             last_export = out / "exports" / name
             export(model, meta, cfg, last_export, at.step, rank)
+        if stop and at.step < plan.total_steps:
+            raise Stopped(stop, at.step, plan.total_steps, out / "checkpoints")
     return last_export
 
 
@@ -797,6 +806,36 @@ class MetricsLog:
             self.file.close()
 
 
+class StopRequests:
+    """SIGTERM (what SLURM and Kubernetes send before they kill a job) and SIGINT (Ctrl-C), noted
+    when they come and acted on at the end of the step they came in: every rank stops after the same
+    step, with a checkpoint. A second one stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.note)
+
+    def note(self, signum, _frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def agreed(self, device) -> int:
+        """The signal any rank has received, 0 if none: one all_reduce of one number per step."""
+        flag = torch.tensor([self.signal], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoints: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of "
+                         f"{total_steps}: checkpoint {checkpoints / f'step-{step:08d}'}; the same "
+                         f"command with --resume continues the run")
+        self.signum = signum
+
+
 def check_inputs(cfg: TrainConfig):
     """The dataset and the base exist, before any process group: else one line that says how to
     make them."""
@@ -823,7 +862,17 @@ def main(argv):
     silence_expected_warnings()
     setup_processes()
     try:
-        train(cfg)
+        train(cfg, StopRequests())
+    except Stopped as e:  # every rank together, after the same step: a clean end
+        if rank0:
+            print(str(e), flush=True)
+        shut_down_processes()
+        sys.exit(128 + e.signum)  # what a shell reports for a process the signal ended
+    except KeyboardInterrupt:  # a second Ctrl-C
+        if rank0:
+            print(f"interrupted: stopped at once; the newest complete checkpoint in "
+                  f"{cfg.out}/checkpoints is where --resume continues", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     except (ValueError, OSError, FloatingPointError) as e:  # the data, files or flags: one line
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -141,6 +141,43 @@ def test_a_killed_run_resumes_bit_identical_to_an_uninterrupted_one(dataset, tmp
     assert all(after[r["step"]] == r["loss"] for r in metrics(tmp_path / "straight") if r["step"] > killed_at)
 
 
+def stop_with(sig, dataset, out, world, *args):
+    """train.py started (under torchrun for world > 1), sent `sig` once it has logged step 3; its
+    result."""
+    launcher = [sys.executable] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"]
+    process = subprocess.Popen(launcher + [str(ROOT / "train.py"), *map(str, small_run(dataset, out, *args))],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
+        time.sleep(0.02)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("sig, world", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)])
+def test_a_stop_signal_ends_the_step_checkpoints_and_the_run_resumes_bit_identical(dataset, tmp_path, sig,
+                                                                                   world):
+    """SIGTERM (a scheduler's warning) or SIGINT (Ctrl-C): every rank finishes the same step, one
+    checkpoint is written, one line says where and how to continue, the exit status is 128 + the
+    signal's number (torchrun, sent SIGTERM itself, forwards it and reports its own failure); --resume
+    then ends with the weights of a run never stopped."""
+    args = ["--epochs=2"]  # no --save-every: without the signal, only the epochs' ends are saved
+    run(small_run(dataset, tmp_path / "straight", *args), world=world)
+    out = tmp_path / "stopped"
+    status, stdout, stderr = stop_with(sig, dataset, out, world, *args)
+    [line] = [line for line in stdout.splitlines() if line.startswith("stopped by")]
+    step = int(line.split("after step ")[1].split()[0])
+    assert line.startswith(f"stopped by {signal.Signals(sig).name} after step {step} of ")
+    assert f"checkpoints/step-{step:08d}; the same command with --resume continues the run" in line
+    assert status == (128 + sig if world == 1 else 1) and "[rank0]:" not in stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]  # before epoch 1's end
+    assert metrics(out)[-1]["step"] == step  # the step's row logged
+    run(small_run(dataset, out, *args, "--resume"), world=world)
+    straight, resumed = exported(tmp_path / "straight"), exported(out)
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)  # bit-identical
+
+
 def test_a_run_directory_holds_one_run(dataset, tmp_path):
     """A second run into it is refused before training; --resume refuses other data; resuming a finished run
     says so; rows logged after the resumed checkpoint are not kept twice."""
