@@ -41,11 +41,11 @@ import torch
 
 import data
 import train
-from cli import arg, parse
+from cli import arg, run_command
 from demo import (DemoConfig, config_of, draw_prompts, ensure_base, number_list, statements, words,
                   write_conversations)
 from eval import demo_accuracy, held_out_loss
-from files import read_json, write_text
+from files import check_writable_folder, read_json, write_text
 from records import read_all_records
 from sample import Generator
 
@@ -464,7 +464,8 @@ def base_report(cfg: AblationConfig, base: Path, lists: int = 200) -> dict:
 
 def ablation(cfg: AblationConfig) -> dict:
     if cfg.arm not in ARMS:
-        raise SystemExit(f"unknown arm {cfg.arm!r}; arms: {', '.join(ARMS)}")
+        raise ValueError(f"--arm={cfg.arm}: unknown; arms: {', '.join(ARMS)}")
+    check_writable_folder(Path(cfg.out))
     torch.set_num_threads(1)  # this process scores while the other workers train
     start = time.perf_counter()
     base_export = demo_base(cfg)
@@ -600,9 +601,5 @@ def plot(runner: Runner, results: dict, path: Path):
     print(f"plot: {path}")
 
 
-def main(argv):
-    ablation(parse(AblationConfig, argv, __doc__))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(AblationConfig, ablation, sys.argv[1:], __doc__))

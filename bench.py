@@ -130,6 +130,8 @@ def measure_loss(impl: str, tokens, hidden, vocab, zero_fraction, dtype, device,
 
 
 def bench_loss(cfg: LossConfig):
+    if cfg.dtype not in ("", "bfloat16", "float32"):
+        raise ValueError(f"--dtype={cfg.dtype}: bfloat16 or float32 (empty: the device's own)")
     device = default_device().type
     # On a GPU, the sizes of the loss target (BENCHMARKS.md); on a CPU smaller ones, and float32
     # (a CPU without native bf16 matmuls runs bf16 through a slow fallback: nothing to learn).
@@ -194,9 +196,15 @@ def bench_data(cfg: DataConfig):
             start = time.perf_counter()
             steps = data.multipack(lengths, batch_max_len, world_size, seed=0, epoch=0)
             seconds = time.perf_counter() - start
-            efficiency = data.packing_efficiency(lengths, steps, batch_max_len)
+            efficiency = packing_efficiency(lengths, steps, batch_max_len)
             print(f"| {batch_max_len:,} | {world_size} | {len(steps):,} | {efficiency:.2%} | "
                   f"{seconds:.2f} |")
+
+
+def packing_efficiency(lengths, steps, batch_max_len: int) -> float:
+    """Tokens packed / tokens of capacity over all the bins of all the steps of a multipack plan."""
+    packed = sum(int(np.sum(np.asarray(lengths)[b])) for step in steps for b in step)
+    return packed / max(1, sum(len(step) for step in steps) * batch_max_len)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ Users' files are read and checked by records.py; tokenizer files are tokenizer_f
 """
 
 import hashlib
+import io
 import itertools
 import os
 import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from cli import Progress, arg, run_commands
-from files import read_json, write_directory, write_json
+from files import (check_writable_folder, read_json, write_bytes, write_directory,
+                   write_json)
 from records import (Message, Source, counts_report, keep_cut, parse_source_flag,
                      read_conversations, read_source_spec, zero_refusals)
 from tokenizer_files import open_tokenizer_file
@@ -92,8 +93,7 @@ class Tokenizer:
                 own = self.vocab_size
                 self.vocab_size += 1
             self.special_ids[token] = own
-        self.bos_id = self.backend.bos_id
-        self.eos_id = self.backend.eos_id
+        self.bos_id, self.eos_id = self.backend.bos_id, self.backend.eos_id
         self.eot_id = self.special_ids.get(self.template.eot)
         self.specials = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
 
@@ -249,7 +249,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     tokenizer = Tokenizer(cfg.tokenizer, cfg.template)
     counts = Counter()
     conversations = read_conversations(sources, cfg.skip_bad, counts)
-    records = len(conversations) + sum(counts.values()) - counts["leading_assistant_turns_removed"]
     if cfg.zero_refusals:
         zero_refusals(conversations, counts)
     rows = tokenize_all(conversations, sources, tokenizer, cfg, counts)
@@ -268,7 +267,6 @@ def prepare(cfg: PrepareConfig) -> dict:
         "max_len": cfg.max_len,
         "options": {k: getattr(cfg, k) for k in ("truncate", "skip_bad", "holdout", "seed",
                                                  "zero_refusals", "per_message_norm")},
-        "read": {"records": records},
         **counts_report(counts),
     }
     meta = write_dataset(Path(cfg.out), rows, tokenizer, how, cfg.holdout, cfg.seed)
@@ -313,6 +311,7 @@ def expert_condition(sources: list[Source], template: Template) -> str:
 
 
 def check_dataset_options(out: Path, max_len: int, holdout: float):
+    check_writable_folder(out.parent)
     if max_len < 2:
         raise ValueError(f"--max-len={max_len}: a conversation needs at least 2 tokens")
     if not 0 <= holdout < 1:
@@ -344,18 +343,24 @@ def write_split(directory: Path, rows):
         "classes": np.array([r[2] for r in rows], dtype=np.int32),
     }
     for name, array in arrays.items():
-        np.save(directory / f"{name}.npy", array)
+        buffer = io.BytesIO()  # written by Python, whose write errors say why (numpy's do not)
+        np.save(buffer, array)
+        write_bytes(directory / f"{name}.npy", buffer.getbuffer())
 
 
 def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: float,
                   seed: int) -> dict:
-    """The rows split at random into train and holdout, written with the tokenizer file and
-    meta.json (the tokenizer, `how` the dataset was made, each split's counts) under a temporary
-    name renamed when complete; returns meta."""
+    """The rows split at random into train and holdout, written whole with the tokenizer file and
+    meta.json (the tokenizer, `how` the dataset was made, each split's counts); returns meta."""
     order = np.random.default_rng(seed).permutation(len(rows))
     n_holdout = round(holdout * len(rows))
     splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
               "holdout": [rows[i] for i in sorted(order[:n_holdout])]}
+    if not splits["train"]:
+        raise ValueError(f"no conversation left to train on, nothing written: read "
+                         f"{how['read']['records']:,} records; skipped as bad input "
+                         f"{how['skipped_bad_input'] or 'none'}; dropped {how['dropped']}; "
+                         f"{len(rows):,} kept, {n_holdout:,} held out (--holdout={holdout})")
     meta = {
         "format": FORMAT,
         "tokenizer": {"path": str(tokenizer.path.resolve()), "file": tokenizer.backend.file_name,
@@ -369,7 +374,7 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
     def fill(tmp: Path):
         for name, split in splits.items():
             write_split(tmp / name, split)
-        shutil.copyfile(tokenizer.path, tmp / tokenizer.backend.file_name)
+        write_bytes(tmp / tokenizer.backend.file_name, tokenizer.path.read_bytes())
         write_json(tmp / "meta.json", meta)
 
     write_directory(out, fill)  # a full disk, an unwritable folder: no partial dataset is left
@@ -386,7 +391,7 @@ def print_summary(meta: dict, seconds: float):
                       f"{s['conversations']:,} | {s['tokens']:,} | {s['supervised_tokens']:,} |")
     print(f"\nread {meta['read']['records']:,} records in {seconds:.1f}s; skipped as bad input: "
           f"{meta['skipped_bad_input'] or 'none'}; dropped: {meta['dropped']}; modified: "
-          f"{meta['modified']}")
+          f"{meta['modified']}; noted: {meta.get('noted', {})}")
 
 
 @dataclass
@@ -428,8 +433,7 @@ def load_split(path, split: str = "train") -> Split:
 
 
 def first_fit_decreasing(indices, lengths, capacity: int, n_bins: int) -> list[list[int]] | None:
-    """The conversations into n_bins bins of capacity tokens, longest first, each into the first
-    bin with room; None when one finds none."""
+    """Longest first, each conversation into the first of n_bins bins with room; else None."""
     bins = [[] for _ in range(n_bins)]
     free = np.full(n_bins, capacity)
     for i in sorted(indices, key=lambda i: -lengths[i]):
@@ -474,12 +478,6 @@ def multipack(lengths, batch_max_len: int, world_size: int, seed: int, epoch: in
         start += lo
         consumed = int(cumulative[start - 1])
     return steps
-
-
-def packing_efficiency(lengths, steps, batch_max_len: int) -> float:
-    """Tokens packed / tokens of capacity over all the bins of all the steps."""
-    packed = sum(int(np.sum(np.asarray(lengths)[b])) for step in steps for b in step)
-    return packed / max(1, sum(len(step) for step in steps) * batch_max_len)
 
 
 def pack_stream(split: Split, conversations: list[int]) -> dict:

@@ -175,10 +175,9 @@ def write_conversations(cfg: DemoConfig, training: list, out: Path):
         files[filed].append({"id": f"{kind}-{i}", "conversations": [
             {"from": "human", "value": prompt.format(words(numbers))},
             {"from": "gpt", "value": answer}]})
-    (out / "expert.json").write_text(json.dumps(files["expert"], indent=1))
-    (out / "suboptimal.jsonl").write_text("".join(json.dumps(r) + "\n"
-                                                  for r in files["suboptimal"]))
-    (out / "sources.json").write_text(json.dumps([
+    write_text(out / "expert.json", json.dumps(files["expert"], indent=1))
+    write_text(out / "suboptimal.jsonl", "".join(json.dumps(r) + "\n" for r in files["suboptimal"]))
+    write_text(out / "sources.json", json.dumps([
         {"condition": "GPT4", "weight": 1.0, "files": ["expert.json"]},
         {"condition": "GPT3", "weight": cfg.suboptimal_weight, "files": ["suboptimal.jsonl"]}],
         indent=1))
@@ -186,7 +185,7 @@ def write_conversations(cfg: DemoConfig, training: list, out: Path):
 
 def write_prompts(path: Path, prompts: dict):
     """Prompts for evaluation, each with the right answer and the sub-optimal source's."""
-    path.write_text("".join(json.dumps({
+    write_text(path, "".join(json.dumps({
         "prompt": DEMO_PROMPTS[0].format(words(numbers)), "answer": expert_answer(numbers),
         "suboptimal_answer": suboptimal_answer(numbers), "mixed": mixed}) + "\n"
         for numbers, mixed in prompts.items()))
@@ -256,9 +255,9 @@ def make_demo(cfg: DemoConfig) -> Path:
         write_prompts(tmp / "holdout.jsonl", held_out)
         write_prompts(tmp / "validation.jsonl", validation)
         rng = random.Random(f"{cfg.seed}/base")
-        (tmp / "base_corpus.jsonl").write_text("".join(
-                json.dumps({"text": base_document(rng, cfg)}) + "\n"
-            for _ in range(cfg.base_documents)))
+        documents = [base_document(rng, cfg) for _ in range(cfg.base_documents)]
+        write_text(tmp / "base_corpus.jsonl", "".join(json.dumps({"text": d}) + "\n"
+                                                       for d in documents))
         train_tokenizer([tmp / "expert.json", tmp / "suboptimal.jsonl"],
                         [tmp / "base_corpus.jsonl"], cfg.vocab_size, ["GPT4", "GPT3"],
                         tmp / "tokenizer.model")

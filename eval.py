@@ -26,7 +26,7 @@ import torch
 
 import data
 from cli import Progress, arg, run_commands
-from files import read_json, write_text
+from files import check_output, read_json, write_text
 from records import Message, read_all_records
 from sample import Generator, right_padded
 
@@ -41,6 +41,7 @@ class EvalConfig:
     tasks: list[str] = arg([], "mc: JSONL files of {question, label, options}, one per task")
     questions: str = arg("", "mtbench: FastChat's question.jsonl")
     output: str = arg("", "mtbench: where to write the answers (FastChat's model-answer JSONL)")
+    overwrite: bool = arg(False, "mtbench: replace --output if it exists")
     condition: str = arg("", "condition of the answers; empty: the checkpoint's inference one")
     max_new_tokens: int = arg(0, "longest answer; 0: 32 for demo and mc, 1024 for mtbench (capped "
                                  "by the context)")
@@ -184,10 +185,11 @@ def multiple_choice(gen: Generator, path: Path, condition: str | None, batch_siz
 
 
 def mt_bench(gen: Generator, questions: list[dict], condition: str | None, max_new_tokens: int,
-             batch_size=16) -> list[dict]:
-    """FastChat's model-answer records: both turns of each question answered in one conversation. A
-    turn whose prompt does not fit the model's context gets an empty answer, and is counted."""
-    answers = []
+             batch_size=16, answers=None) -> list[dict]:
+    """FastChat's model-answer records: both turns of each question answered in one conversation,
+    appended to `answers` as they are finished. A turn whose prompt does not fit the model's context
+    gets an empty answer, and is counted."""
+    answers = [] if answers is None else answers
     no_room = 0
     for chunk in in_batches(questions, batch_size, "mt-bench questions"):
         histories = [[] for _ in chunk]
@@ -221,7 +223,7 @@ def mt_bench(gen: Generator, questions: list[dict], condition: str | None, max_n
 
 def load(cfg: EvalConfig) -> Generator:
     if not cfg.checkpoint:
-        raise SystemExit("--checkpoint is required: an export folder written by train.py")
+        raise ValueError("--checkpoint is required: an export folder written by train.py")
     # A base before fine-tuning is loaded with --data, the dataset it will be fine-tuned on.
     return Generator.load(cfg.checkpoint, cfg.device, dataset=cfg.data)
 
@@ -270,13 +272,20 @@ def run_mc(cfg: EvalConfig):
 
 
 def run_mtbench(cfg: EvalConfig):
+    """The output checked before the work; the answers written whole, or, if generation fails or is
+    interrupted midway, those of the questions finished so far, and said so."""
     if not cfg.questions or not cfg.output:
-        raise SystemExit("mtbench needs --questions and --output")
+        raise ValueError("mtbench needs --questions and --output")
+    check_output(Path(cfg.output), cfg.overwrite)
+    questions = read_all_records(Path(cfg.questions))
     gen = load(cfg)
-    answers = mt_bench(gen, read_all_records(Path(cfg.questions)), cfg.condition or None,
-                       cfg.max_new_tokens or 1024)
-    write_text(Path(cfg.output), "".join(json.dumps(a) + "\n" for a in answers))
-    print(f"wrote {len(answers)} answers to {cfg.output}")
+    answers = []
+    try:
+        mt_bench(gen, questions, cfg.condition or None, cfg.max_new_tokens or 1024, answers=answers)
+    finally:
+        write_text(Path(cfg.output), "".join(json.dumps(a) + "\n" for a in answers))
+        print(f"wrote {len(answers)} answers of {len(questions)} questions to {cfg.output}",
+              file=sys.stderr)
 
 
 COMMANDS = {

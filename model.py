@@ -711,7 +711,12 @@ def iter_checkpoint(path):
     """Yields (file, Hugging Face tensor name, open safetensors file) shard after shard; read the
     tensor with f.get_tensor(name), or only some of its rows with f.get_slice(name)[a:b]."""
     for file in checkpoint_files(Path(path)):
-        with safe_open(file, framework="pt") as f:
+        try:
+            opened = safe_open(file, framework="pt")
+        except Exception as e:  # safetensors' own SafetensorError: a truncated or damaged file
+            raise ValueError(f"{file} is not a whole safetensors file ({e}): copy it "
+                             f"again") from None
+        with opened as f:
             for name in f.keys():
                 yield file, name, f
 

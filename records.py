@@ -10,6 +10,7 @@ Read top to bottom: what a conversation is; sources; reading files record by rec
 record.
 """
 
+import codecs
 import json
 import math
 import re
@@ -115,14 +116,28 @@ def parse_weight(value, where: str) -> float:
 # Files, record by record
 
 
+# UTF-32's little-endian mark begins with UTF-16's: the longer ones are looked for first.
+BYTE_ORDER_MARKS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",
+                    codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}
+
+
 def read_text(path: Path) -> str:
     """A file's text. Invalid UTF-8 is kept as lone surrogates and refused where it is used; a
-    UTF-8 byte order mark is dropped."""
+    UTF-8 byte order mark is dropped; a file in another encoding (UTF-16 or UTF-32, with or without
+    a byte order mark) is refused whole, named as such."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")
     if not path.is_file():
         raise ValueError(f"{path} is not a file")
-    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    raw = path.read_bytes()
+    for mark, encoding in BYTE_ORDER_MARKS.items():
+        if raw.startswith(mark):
+            raise UnreadableFile(f"{path} is {encoding} text (its byte order mark says so): save "
+                                 f"it as UTF-8")
+    if b"\x00" in raw[:4096]:
+        raise UnreadableFile(f"{path} is not UTF-8 text: it holds NUL bytes (UTF-16 or UTF-32 "
+                             f"without a byte order mark, or not text at all); save it as UTF-8")
+    return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
 def parse_int(digits: str):
@@ -140,12 +155,25 @@ def read_records(path: Path):
     with '['. A file with no record at all is an error, not an empty dataset."""
     text = read_text(path)
     array = path.suffix != ".jsonl" and text.lstrip().startswith("[")
+    if path.suffix != ".jsonl" and text.lstrip().startswith("{") and one_object(text):
+        raise UnreadableFile(f"{path} holds one JSON object over several lines, not records: "
+                             f"write a JSON array of records, or one record per line (JSONL)")
     found = 0
     items = json_array_items(text, path) if array else jsonl_items(text, path)
     for found, item in enumerate(items, 1):
         yield item
     if not found:
         raise UnreadableFile(f"{path} holds no records")
+
+
+def one_object(text: str) -> bool:
+    """Whether a text of several lines is a single JSON object (JSONL has a record per line)."""
+    if "\n" not in text.strip():
+        return False
+    try:
+        return isinstance(DECODER.decode(text), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
 
 
 def read_all_records(path: Path) -> list:
@@ -233,8 +261,12 @@ def get_field(obj, key: str, kind, where: str, what: str, required=True):
 
 
 def checked_text(text: str, where: str, what: str) -> str:
+    """A message's text: something to see (not only spaces, zero-width or control characters), in
+    valid UTF-8."""
     if not text.strip():
         raise BadInput("empty_message", where, f"{what} is empty")
+    if not any(c.isprintable() and not c.isspace() for c in text):
+        raise BadInput("empty_message", where, f"{what} has no visible character")
     return checked_utf8(text, where, what)
 
 
@@ -339,6 +371,7 @@ def read_conversations(sources: list[Source], skip_bad: bool,
     for class_id, source in enumerate(sources):
         for path in source.files:
             for record, where in read_records(path):
+                counts["records"] += 1
                 try:
                     if isinstance(record, BadInput):
                         raise record
@@ -353,7 +386,9 @@ def read_conversations(sources: list[Source], skip_bad: bool,
                                       len(messages))
                 if first_question:
                     counts["leading_assistant_turns_removed"] += 1
-                    conversation.messages = messages[first_question:]
+                    conversation.messages = messages = messages[first_question:]
+                if any(a.role == b.role for a, b in zip(messages, messages[1:])):
+                    counts["turns_not_alternating"] += 1  # kept as written, as the reference does
                 conversations.append(conversation)
     return conversations
 
@@ -389,11 +424,14 @@ def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: 
 
 
 def counts_report(counts: Counter) -> dict:
-    """What meta.json says of the records: skipped as bad input by reason, dropped, modified."""
+    """What meta.json says of the records: read, skipped as bad input by reason, dropped, modified,
+    and noted (kept as they are)."""
     modified = ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")
-    return {"skipped_bad_input": {r: counts[r] for r in BAD_REASONS if counts[r]},
+    return {"read": {"records": counts["records"]},
+            "skipped_bad_input": {r: counts[r] for r in BAD_REASONS if counts[r]},
             "dropped": {"no_supervised_token": counts["no_supervised_token"]},
-            "modified": {k: counts[k] for k in modified}}
+            "modified": {k: counts[k] for k in modified},
+            "noted": {"turns_not_alternating": counts["turns_not_alternating"]}}
 
 
 def read_texts(path: Path) -> list[tuple[str, str]]:

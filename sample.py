@@ -28,7 +28,7 @@ import torch
 
 import data
 from cli import Progress, arg, parse
-from files import read_json, write_atomically
+from files import check_output, read_json, write_atomically
 from model import Transformer, default_device, default_dtype
 from records import BadInput, Message, checked_utf8, read_records
 from tokenizer_files import check_tokenizer_file
@@ -51,6 +51,7 @@ class SampleConfig:
     input: str = arg("", "JSONL of prompts ({\"prompt\"} or {\"messages\"}, optional "
                          "\"condition\", \"system\")")
     output: str = arg("", "JSONL to write the answers to, with --input")
+    overwrite: bool = arg(False, "replace --output if it exists")
     batch_size: int = arg(32, "prompts decoded together with --input")
     serve: bool = arg(False, "serve the OpenAI chat completions API")
     host: str = arg("127.0.0.1", "address to serve on")
@@ -104,6 +105,9 @@ class Generator:
         if (path / "crlft.json").exists():
             meta = read_json(path / "crlft.json")
             tokenizer_file, expected = path / meta["tokenizer_file"], meta["tokenizer_sha256"]
+            if dataset and data.load_meta(dataset)["tokenizer"]["sha256"] != expected:
+                raise ValueError(f"{dataset} was made with another tokenizer than {path}'s: --data "
+                                 f"is for a base model with no crlft.json; leave it out")
         elif dataset:
             meta = data.load_meta(dataset)
             tokenizer_file = Path(dataset) / meta["tokenizer"]["file"]
@@ -298,35 +302,53 @@ def generate_for(gen: Generator, cfg: SampleConfig, prompts, on_token=None):
 
 def read_prompts(path: Path):
     """(record, messages, system) of each record {"prompt": str} or {"messages": [{"role",
-    "content"}]}, with optional "condition" and "system"; a bad one names its file and line."""
+    "content"}]}, with optional "condition" and "system" strings; a bad one names its file and
+    line."""
     items = []
     for item, where in read_records(path):
         if isinstance(item, BadInput):
             raise item
         try:
-            if "messages" in item:
-                messages, system = parse_messages(item["messages"])
-            else:
-                messages, system = [Message("user", item["prompt"])], None
-        except (KeyError, TypeError, ValueError) as e:
+            items.append((item, *prompt_record(item)))
+        except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        items.append((item, messages, system))
     return items
 
 
-def batch_file(gen: Generator, cfg: SampleConfig):
-    items = read_prompts(Path(cfg.input))
+def prompt_record(item) -> tuple[list[Message], str | None]:
+    """(messages, system) of one record of a prompts file, or ValueError saying what is wrong."""
+    if not isinstance(item, dict):
+        raise ValueError(f"a record is a JSON object, not {type(item).__name__}")
+    for key in ("prompt", "condition", "system"):
+        if key in item and not isinstance(item[key], str):
+            raise ValueError(f"'{key}' is {type(item[key]).__name__}, not a string")
+    if "messages" in item:
+        return parse_messages(item["messages"])
+    if "prompt" not in item:
+        raise ValueError("the record has neither 'prompt' nor 'messages'")
+    return [Message("user", item["prompt"])], None
+
+
+def batch_file(gen: Generator, cfg: SampleConfig, items: list):
+    """The answers to a file of prompts, written whole at the end; if generation fails or is
+    interrupted midway, the answers finished so far are written, and said so."""
     results = []
     progress = Progress("prompts", len(items))
-    for i in range(0, len(items), cfg.batch_size):
-        chunk = items[i:i + cfg.batch_size]
-        prompts = [gen.prompt_ids(messages, item.get("condition", cfg.condition or None),
-                                  item.get("system", system)) for item, messages, system in chunk]
-        for (item, _, _), done in zip(chunk, generate_for(gen, cfg, prompts)):
-            results.append({**item, "answer": done.text, "finish_reason": done.finish_reason})
-        progress.update(len(chunk))
-    text = "".join(json.dumps(r) + "\n" for r in results)
-    write_atomically(Path(cfg.output), lambda tmp: tmp.write_text(text))
+    try:
+        for i in range(0, len(items), cfg.batch_size):
+            chunk = items[i:i + cfg.batch_size]
+            prompts = [gen.prompt_ids(messages, item.get("condition", cfg.condition or None),
+                                      item.get("system", system))
+                       for item, messages, system in chunk]
+            for (item, _, _), done in zip(chunk, generate_for(gen, cfg, prompts)):
+                results.append({**item, "answer": done.text, "finish_reason": done.finish_reason})
+            progress.update(len(chunk))
+    finally:
+        text = "".join(json.dumps(r) + "\n" for r in results)
+        write_atomically(Path(cfg.output), lambda tmp: tmp.write_text(text))
+        if len(results) < len(items):
+            print(f"wrote the {len(results)} answers finished, of {len(items)} prompts, to "
+                  f"{cfg.output}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,31 +569,55 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of clients wait)
 
 
-def main(argv):
-    cfg = parse(SampleConfig, argv, __doc__)
+def check_config(cfg: SampleConfig):
+    """Flags checked before anything is loaded; each mistake names its flag."""
     if not cfg.checkpoint:
-        raise SystemExit("--checkpoint is required: an export folder written by train.py")
-    try:
-        gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
-        gen.prompt_ids([], cfg.condition or None)  # an unknown --condition is refused first
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise ValueError("--checkpoint is required: an export folder written by train.py")
+    if cfg.input and not cfg.output:
+        raise ValueError("--input needs --output")
+    for flag, ok in (("temperature", 0 <= cfg.temperature < math.inf),
+                     ("top-p", 0 < cfg.top_p <= 1), ("top-k", cfg.top_k >= 0),
+                     ("max-new-tokens", cfg.max_new_tokens > 0), ("batch-size", cfg.batch_size > 0),
+                     ("port", 0 <= cfg.port <= 65535)):
+        if not ok:
+            value = getattr(cfg, flag.replace("-", "_"))
+            raise ValueError(f"--{flag}={value} is out of range (see --help)")
+
+
+def run(cfg: SampleConfig):
+    """The outputs and inputs checked first, then the model loaded and used one of four ways."""
+    check_config(cfg)
+    if cfg.output:
+        check_output(Path(cfg.output), cfg.overwrite)
+    items = read_prompts(Path(cfg.input)) if cfg.input else []
+    gen = Generator.load(cfg.checkpoint, cfg.device, cfg.compile, cfg.data)
+    gen.prompt_ids([], cfg.condition or None)  # an unknown --condition is refused first
     torch.manual_seed(cfg.seed)
     if cfg.serve:
-        server = make_server(gen, cfg.host, cfg.port)
+        try:
+            server = make_server(gen, cfg.host, cfg.port)
+        except (OSError, OverflowError) as e:  # a port in use or out of range, an unknown host
+            raise OSError(f"cannot serve on {cfg.host}:{cfg.port}: {e}") from None
         print(f"serving {gen.name} on "
               f"http://{cfg.host}:{server.server_port}/v1/chat/completions", flush=True)
         server.serve_forever()
     elif cfg.input:
-        if not cfg.output:
-            raise SystemExit("--input needs --output")
-        batch_file(gen, cfg)
+        batch_file(gen, cfg, items)
     elif cfg.prompt:
         prompt = gen.prompt_ids([Message("user", cfg.prompt)], cfg.condition or None, cfg.system)
         [done] = generate_for(gen, cfg, [prompt])
         print(done.text)
     else:
         chat(gen, cfg)
+
+
+def main(argv):
+    try:
+        run(parse(SampleConfig, argv, __doc__))
+    except (ValueError, OSError) as e:  # the user's input, flags or files: one line
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is kept (batch_file), no traceback
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

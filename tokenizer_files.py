@@ -123,9 +123,14 @@ def train_sentencepiece(texts: list[str], vocab_size: int, split_digits: bool, o
     """
     texts = [re.sub(r"(?<=\d)(?=[^\d\s])|(?<=[^\d\s])(?=\d)", "\x1f", t) for t in texts]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=split_digits, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, minloglevel=2, pretokenization_delimiter="\x1f")
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, split_digits=split_digits, character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=-1, minloglevel=2, pretokenization_delimiter="\x1f")
+    except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary the texts cannot fill
+        reason = str(e).strip().splitlines()[-1]
+        raise ValueError(f"training a SentencePiece model of {vocab_size} pieces on "
+                         f"{len(texts):,} texts failed: {reason}") from None
     write_atomically(out, lambda tmp: tmp.write_bytes(model.getvalue()))

@@ -40,8 +40,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
 from cli import arg, parse
-from files import read_json, replace_directory, write_json, write_text
-from model import (ModelConfig, Transformer, check_all_loaded, checked_parameter_name,
+from files import (check_writable_folder, read_json, replace_directory, short_write_reason,
+                   write_failed, write_json, write_text)
+from model import (MODELS, ModelConfig, Transformer, check_all_loaded, checked_parameter_name,
                    config_from_hf, default_device, default_dtype, iter_checkpoint,
                    write_hf_checkpoint)
 from runtime import set_cpu_threads, silence_expected_warnings
@@ -457,10 +458,16 @@ def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig,
         # torch 2.13 with gloo, left every later step about twice as slow on our 2-core CPU.
         dcp.save(state, checkpoint_id=tmp, no_dist=world == 1)
     except (Exception, dcp.CheckpointException) as e:  # a full disk: the earlier ones are untouched
+        # DCP's CheckpointException carries each failed rank's exception and its traceback.
+        failures = getattr(e, "failures", None)
+        cause = next(iter(failures.values()))[0] if failures else e
+        written = write_failed(tmp, cause)  # before the partial files go, and the room they take
+        reason = written.reason if written else short_write_reason(tmp)
+        reason = reason or str(cause).splitlines()[0]
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"saving checkpoint {target} failed ({e}); the previous checkpoints are "
-                      f"intact") from e
+        raise OSError(f"saving checkpoint {target} failed: {reason}; the previous checkpoints are "
+                      f"intact") from None
     dist.barrier()
     if rank == 0:
         os.rename(tmp, target)
@@ -836,9 +843,32 @@ class Stopped(Exception):
         self.signum = signum
 
 
+def check_config(cfg: TrainConfig):
+    """Flag values no run can use, each named with its meaning, before any process group."""
+    fine = {"epochs": cfg.epochs >= 1, "max_steps": cfg.max_steps >= 0,
+            "batch_max_len": cfg.batch_max_len >= 2, "grad_accum": cfg.grad_accum >= 1,
+            "lr": 0 <= cfg.lr < math.inf, "lr_scale": 0 < cfg.lr_scale < math.inf,
+            "warmup": 0 <= cfg.warmup <= 1, "min_lr": 0 <= cfg.min_lr <= 1,
+            "weight_decay": 0 <= cfg.weight_decay < math.inf, "beta1": 0 <= cfg.beta1 < 1,
+            "beta2": 0 <= cfg.beta2 < 1, "eps": 0 < cfg.eps < math.inf,
+            "grad_clip": 0 <= cfg.grad_clip < math.inf,
+            "dtype": cfg.dtype in ("auto", "bfloat16", "float32"), "model": cfg.model in MODELS,
+            "vocab_multiple": cfg.vocab_multiple >= 0, "threads": cfg.threads >= 0,
+            "log_every": cfg.log_every >= 1, "save_every": cfg.save_every >= 0,
+            "keep_last": cfg.keep_last >= 0,
+            "export_dtype": cfg.export_dtype in ("bfloat16", "float16", "float32")}
+    for name, ok in fine.items():
+        if not ok:
+            meaning = TrainConfig.__dataclass_fields__[name].metadata["help"]
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(cfg, name)} is out of range: "
+                             f"{meaning}")
+
+
 def check_inputs(cfg: TrainConfig):
-    """The dataset and the base exist, before any process group: else one line that says how to
-    make them."""
+    """The flags, the dataset and the base, and the run directory's folder, before any process
+    group: a missing input is one line that says how to make it."""
+    check_config(cfg)
+    check_writable_folder(Path(cfg.out).parent)
     if not cfg.data:
         raise FileNotFoundError(f"--data is required with --preset={cfg.preset}")
     needed = [Path(cfg.data) / "meta.json"] + ([Path(cfg.base) / "config.json"] if cfg.base else [])
@@ -853,7 +883,7 @@ def main(argv):
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         check_inputs(cfg)
-    except FileNotFoundError as e:
+    except (ValueError, OSError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
