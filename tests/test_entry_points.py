@@ -3,6 +3,7 @@ what to do), never a traceback; nothing is reported as success that is not; an o
 before the work that fills it, a generation stopped midway keeps what it finished, and a full disk
 is one line naming the file, with nothing half-written left behind."""
 
+import importlib
 import json
 import shutil
 import signal
@@ -21,6 +22,29 @@ PYTHON = sys.executable
 def command(script, *argv, cwd=ROOT, **options):
     return subprocess.run([PYTHON, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
                           cwd=cwd, timeout=300, **options)
+
+
+@pytest.fixture
+def here(capsys, monkeypatch):
+    """Like `command`, in this process: a program's `main` or its commands, with no start-up of Python and
+    torch to wait for. What is tested is the same path: what `main` prints and the status it exits with."""
+    def call(script, *argv, cwd=None):
+        import cli
+        module = importlib.import_module(script.removesuffix(".py"))
+        argv = list(map(str, argv))
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main = getattr(module, "main", None)
+            status = main(argv) if main else cli.run_commands(module.COMMANDS, argv, module.__doc__)
+        except SystemExit as e:
+            status = e.code
+        stderr = capsys.readouterr().err
+        if isinstance(status, str):  # SystemExit("error: ...") is printed by Python as it exits
+            stderr, status = stderr + status + "\n", 1
+        return subprocess.CompletedProcess(argv, status or 0, "", stderr)
+    return call
 
 
 def one_error_line(result, message: str):
@@ -128,22 +152,22 @@ def test_outputs_are_checked_before_the_work(tmp_path):
     ("--batch-max-len=0", "--batch-max-len=0 is out of range"),
     ("--dtype=float8", "--dtype=float8 is out of range"),
     ("--model=Llama-9B", "--model=Llama-9B is out of range")])
-def test_a_flag_no_run_can_use_is_named_before_anything_starts(tmp_path, flag, message):
-    one_error_line(command("train.py", flag, cwd=tmp_path), message)
+def test_a_flag_no_run_can_use_is_named_before_anything_starts(tmp_path, here, flag, message):
+    one_error_line(here("train.py", flag, cwd=tmp_path), message)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # sample.py and eval.py: the server, the checkpoint, the prompts, the outputs
 
 
-def test_the_server_that_cannot_listen_says_why(export):
+def test_the_server_that_cannot_listen_says_why(export, here):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         one_error_line(command("sample.py", f"--checkpoint={export}", "--serve", f"--port={port}"),
                        f"cannot serve on 127.0.0.1:{port}: [Errno 98] Address already in use")
-    one_error_line(command("sample.py", f"--checkpoint={export}", "--serve", "--port=70000"),
+    one_error_line(here("sample.py", f"--checkpoint={export}", "--serve", "--port=70000"),
                    "--port=70000 is out of range")
     one_error_line(command("sample.py", f"--checkpoint={export}", "--serve", "--host=no-such-host.invalid"),
                    "cannot serve on no-such-host.invalid:8000")
@@ -159,45 +183,45 @@ def test_a_truncated_safetensors_file_is_named_as_such(export, tmp_path):
     one_error_line(command("eval.py", "demo", f"--checkpoint={broken}"), message)
 
 
-def test_a_prompts_file_with_a_record_that_is_not_a_prompt_names_its_line(export, tmp_path):
+def test_a_prompts_file_with_a_record_that_is_not_a_prompt_names_its_line(export, tmp_path, here):
     prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     for lines, message in ((['{"prompt": "hi"}', '{"prompt": 5}'], "prompts.jsonl:2: 'prompt' is int, not a string"),
                            (['{"prompt": "hi"}', '{"prompt": '], "prompts.jsonl:2: malformed JSON"),
                            (['["hi"]'], "prompts.jsonl:1: a record is a JSON object, not list"),
                            (['{"text": "hi"}'], "prompts.jsonl:1: the record has neither 'prompt' nor 'messages'")):
         prompts.write_text("\n".join(lines) + "\n")
-        one_error_line(command("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={answers}"),
+        one_error_line(here("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={answers}"),
                        message)
     assert not answers.exists()
 
 
-def test_an_output_is_checked_first_and_made_where_its_folder_is_missing(export, dataset, tmp_path):
+def test_an_output_is_checked_first_and_made_where_its_folder_is_missing(export, tmp_path, here):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Sort these numbers from smallest to largest: 3 1 2"}\n')
     taken = tmp_path / "answers.jsonl"
     taken.write_text("keep me\n")
-    one_error_line(command("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={taken}"),
+    one_error_line(here("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={taken}"),
                    f"{taken} exists: --overwrite replaces it")
     assert taken.read_text() == "keep me\n"
     (tmp_path / "a-file").write_text("")
-    one_error_line(command("sample.py", f"--checkpoint={export}", f"--input={prompts}",
+    one_error_line(here("sample.py", f"--checkpoint={export}", f"--input={prompts}",
                            f"--output={tmp_path / 'a-file' / 'answers.jsonl'}"), "cannot write into")
     fresh = tmp_path / "new" / "folder" / "answers.jsonl"
-    assert command("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={fresh}").returncode == 0
+    assert here("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={fresh}").returncode == 0
     assert json.loads(fresh.read_text())["answer"] is not None
-    assert command("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={taken}",
+    assert here("sample.py", f"--checkpoint={export}", f"--input={prompts}", f"--output={taken}",
                    "--overwrite").returncode == 0 and taken.read_text() != "keep me\n"
-    one_error_line(command("eval.py", "mtbench", f"--checkpoint={export}", f"--questions={prompts}",
+    one_error_line(here("eval.py", "mtbench", f"--checkpoint={export}", f"--questions={prompts}",
                            f"--output={taken}"), f"{taken} exists: --overwrite replaces it")
 
 
-def test_sample_refuses_a_dataset_of_another_tokenizer_as_eval_does(export, tmp_path):
+def test_sample_refuses_a_dataset_of_another_tokenizer_as_eval_does(export, tmp_path, here):
     other = tmp_path / "other"
     path = tmp_path / "chats.jsonl"
     path.write_text(sharegpt_lines())
     assert command("data.py", "prepare", f"--source=GPT4:1.0:{path}", f"--tokenizer={MISTRAL_TOKENIZER}",
                    f"--out={other}").returncode == 0
-    one_error_line(command("sample.py", f"--checkpoint={export}", f"--data={other}", "--prompt=hi"),
+    one_error_line(here("sample.py", f"--checkpoint={export}", f"--data={other}", "--prompt=hi"),
                    f"{other} was made with another tokenizer than")
 
 
