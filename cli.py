@@ -11,6 +11,7 @@ all; a user's mistake is one `error:` line; long work prints its progress.
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 import typing
@@ -72,12 +73,16 @@ def parse(cls, argv, description: str = "", defaults=None):
 
 def run_command(cls, run, argv, description: str) -> int:
     """run(config from argv); a mistake in the input, the files or the flags (ValueError, OSError)
-    is one `error:` line on stderr and exit status 1, not a traceback."""
+    is one `error:` line on stderr and exit status 1, not a traceback; Ctrl-C is exit status 130,
+    after what `run` keeps of the work finished (its `finally`)."""
     try:
         run(parse(cls, argv, description))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

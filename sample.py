@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import data
-from cli import Progress, arg, parse
+from cli import Progress, arg, run_command
 from files import check_output, read_json, write_atomically
 from model import Transformer, default_device, default_dtype
 from records import BadInput, Message, checked_utf8, read_records
@@ -611,14 +611,5 @@ def run(cfg: SampleConfig):
         chat(gen, cfg)
 
 
-def main(argv):
-    try:
-        run(parse(SampleConfig, argv, __doc__))
-    except (ValueError, OSError) as e:  # the user's input, flags or files: one line
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:  # Ctrl-C: what was finished is kept (batch_file), no traceback
-        raise SystemExit(130) from None
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_command(SampleConfig, run, sys.argv[1:], __doc__))

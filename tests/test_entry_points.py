@@ -26,8 +26,8 @@ def command(script, *argv, cwd=ROOT, **options):
 
 @pytest.fixture
 def here(capsys, monkeypatch):
-    """Like `command`, in this process: a program's `main` or its commands, with no start-up of Python and
-    torch to wait for. What is tested is the same path: what `main` prints and the status it exits with."""
+    """Like `command`, in this process, with no start-up of Python and torch to wait for: what the
+    program's entry prints and the status it exits with."""
     def call(script, *argv, cwd=None):
         import cli
         module = importlib.import_module(script.removesuffix(".py"))
@@ -35,15 +35,16 @@ def here(capsys, monkeypatch):
         if cwd is not None:
             monkeypatch.chdir(cwd)
         capsys.readouterr()
-        try:
-            main = getattr(module, "main", None)
-            status = main(argv) if main else cli.run_commands(module.COMMANDS, argv, module.__doc__)
+        try:  # each program's `if __name__ == "__main__":` line
+            if script == "train.py":
+                status = module.main(argv)
+            elif script == "sample.py":
+                status = cli.run_command(module.SampleConfig, module.run, argv, module.__doc__)
+            else:
+                status = cli.run_commands(module.COMMANDS, argv, module.__doc__)
         except SystemExit as e:
             status = e.code
-        stderr = capsys.readouterr().err
-        if isinstance(status, str):  # SystemExit("error: ...") is printed by Python as it exits
-            stderr, status = stderr + status + "\n", 1
-        return subprocess.CompletedProcess(argv, status or 0, "", stderr)
+        return subprocess.CompletedProcess(argv, status or 0, "", capsys.readouterr().err)
     return call
 
 
@@ -242,7 +243,9 @@ def test_ctrl_c_in_a_file_of_prompts_keeps_the_answers_finished(export, tmp_path
     assert [r["prompt"] for r in finished] == [f"Sort these numbers: {i} {i + 3} 1" for i in range(len(finished))]
 
 
-def test_mt_bench_answers_finished_before_a_failure_are_written(export, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fault", [RuntimeError("the device went away"), KeyboardInterrupt()])
+def test_mt_bench_answers_finished_before_a_failure_are_written(export, tmp_path, monkeypatch, capsys, here,
+                                                                fault):
     import eval as evaluation
     questions = tmp_path / "question.jsonl"
     questions.write_text("".join(json.dumps({"question_id": i, "turns": [f"Q{i}", f"And {i}?"]}) + "\n"
@@ -253,18 +256,24 @@ def test_mt_bench_answers_finished_before_a_failure_are_written(export, tmp_path
     def failing(self, *args, **kwargs):  # the second batch of questions fails: a fault midway
         calls.append(1)
         if len(calls) == 3:  # two calls a batch: its first turns, then its second
-            raise RuntimeError("the device went away")
+            raise fault
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(evaluation.Generator, "generate", failing)
     out = tmp_path / "answers" / "model.jsonl"  # a folder not there yet: made
-    cfg = evaluation.EvalConfig(checkpoint=str(export), questions=str(questions), output=str(out),
-                                max_new_tokens=4)
-    with pytest.raises(RuntimeError, match="the device went away"):
-        evaluation.run_mtbench(cfg)
+    argv = ["mtbench", f"--checkpoint={export}", f"--questions={questions}", f"--output={out}",
+            "--max-new-tokens=4"]
+    if isinstance(fault, KeyboardInterrupt):  # Ctrl-C: exit status 130, no traceback
+        result = here("eval.py", *argv)
+        assert result.returncode == 130 and result.stderr.strip().endswith("interrupted")
+        stderr = result.stderr
+    else:  # not the user's mistake: the traceback is kept
+        with pytest.raises(RuntimeError, match="the device went away"):
+            here("eval.py", *argv)
+        stderr = capsys.readouterr().err
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["question_id"] for a in written] == list(range(16))  # two batches of 16 turns, one done
-    assert "wrote 16 answers of 20 questions" in capsys.readouterr().err
+    assert "wrote 16 answers of 20 questions" in stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
