@@ -144,13 +144,14 @@ def conversation_files(cfg: AblationConfig, arm_name: str) -> Path:
 
 def prepare_dataset(sources, files: Path, demo: Path, out: Path) -> Path:
     """data.py's pipeline on the files under the variant's conditions and weights, the demo's
-    tokenizer and context; its summary and progress go to a log beside the dataset."""
+    tokenizer and context, made again (the same) on each run; its summary and progress go to a log
+    beside the dataset."""
     with (open(out.parent / "prepare.log", "a") as log, contextlib.redirect_stdout(log),
           contextlib.redirect_stderr(log)):
         data.prepare(data.PrepareConfig(
             source=[f"{condition}:{weight}:{files / file}" for file, condition, weight in sources],
             tokenizer=str(demo / "tokenizer.model"), template="openchat_v3.2", out=str(out),
-            max_len=data.load_meta(demo / "dataset")["max_len"]))
+            max_len=data.load_meta(demo / "dataset")["max_len"], overwrite=True))
     return out
 
 

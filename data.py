@@ -219,7 +219,8 @@ class PrepareConfig:
     sources: str = arg("", "or a JSON spec file: [{\"condition\", \"weight\", \"files\"}]")
     tokenizer: str = arg("", "the base model's tokenizer: SentencePiece .model or tokenizer.json")
     template: str = arg("openchat_3.5", f"conversation template: {', '.join(TEMPLATES)}")
-    out: str = arg("", "output directory (replaced if it holds a dataset)")
+    out: str = arg("", "output directory, a new one")
+    overwrite: bool = arg(False, "replace --out if it holds a dataset")
     max_len: int = arg(4096, "context length: the longest conversation in tokens")
     truncate: bool = arg(False, "cut longer conversations to max_len instead of refusing them")
     skip_bad: bool = arg(False, "skip bad records and count them by reason, instead of stopping")
@@ -242,7 +243,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     under a temporary name renamed when complete; returns meta."""
     if not cfg.out or not cfg.tokenizer or not (cfg.source or cfg.sources):
         raise ValueError("prepare needs --out, --tokenizer and --source (or --sources)")
-    check_dataset_options(Path(cfg.out), cfg.max_len, cfg.holdout)
+    check_dataset_options(Path(cfg.out), cfg.max_len, cfg.holdout, cfg.overwrite)
     start = time.perf_counter()
     sources = [parse_source_flag(s) for s in cfg.source]
     sources += read_source_spec(Path(cfg.sources)) if cfg.sources else []
@@ -310,7 +311,7 @@ def expert_condition(sources: list[Source], template: Template) -> str:
     return template.inference_condition if template.inference_condition in tied else tied[0]
 
 
-def check_dataset_options(out: Path, max_len: int, holdout: float):
+def check_dataset_options(out: Path, max_len: int, holdout: float, overwrite: bool):
     check_writable_folder(out.parent)
     if max_len < 2:
         raise ValueError(f"--max-len={max_len}: a conversation needs at least 2 tokens")
@@ -318,6 +319,8 @@ def check_dataset_options(out: Path, max_len: int, holdout: float):
         raise ValueError(f"--holdout={holdout}: a fraction in [0, 1)")
     if out.exists() and not (out / "meta.json").exists():
         raise FileExistsError(f"{out} exists and is not a dataset: refusing to replace it")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: --overwrite replaces it")
 
 
 def split_stats(rows, n_classes) -> dict:

@@ -299,7 +299,7 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
     """A base model's pretraining corpus → a dataset that train.py reads like any other. The corpus
     is JSONL of {"text"}; each document becomes BOS + its pieces + EOS and every token is learned
     with weight 1: plain language modelling, no template, no condition, one class."""
-    data.check_dataset_options(Path(out), max_len, holdout)
+    data.check_dataset_options(Path(out), max_len, holdout, overwrite=False)
     start = time.perf_counter()
     tokenizer = data.Tokenizer(tokenizer_path, "text")
     if tokenizer.bos_id is None or tokenizer.eos_id is None:

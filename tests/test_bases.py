@@ -107,11 +107,12 @@ def test_prepare_reads_a_tokenizer_json_and_records_it(llama3, tmp_path):
 
     # The inference condition: settable, but only to one the model sees in training.
     meta = prepare(PrepareConfig(source=sources, tokenizer=str(llama3), template="openchat_3.6", out=str(out),
-                                 inference_condition="GPT3"))
+                                 inference_condition="GPT3", overwrite=True))
     assert meta["inference_condition"] == "GPT3"
     with pytest.raises(ValueError, match="'GPT4 Correct' is not a condition of the data"):
         prepare(PrepareConfig(source=sources[:1], tokenizer=str(llama3),
-                              template="openchat_3.6", out=str(out), inference_condition="GPT4 Correct"))
+                              template="openchat_3.6", out=str(out), inference_condition="GPT4 Correct",
+                              overwrite=True))
 
 
 def test_the_exported_3_6_chat_template_gives_the_reference_ids_through_transformers(llama3, tmp_path):

@@ -141,6 +141,15 @@ def test_outputs_are_checked_before_the_work(tmp_path):
     assert "tokenizing" not in result.stderr  # refused before any work
     one_error_line(command("data.py", "show", cwd=tmp_path),
                    "data/demo/dataset/meta.json is missing: is data/demo/dataset a dataset")
+    dataset = tmp_path / "dataset"
+    made = [f"--source=GPT4:1.0:{path}", f"--tokenizer={MISTRAL_TOKENIZER}", f"--out={dataset}"]
+    assert command("data.py", "prepare", *made).returncode == 0
+    before = (dataset / "meta.json").read_text()
+    path.write_text(sharegpt_lines(5))
+    one_error_line(command("data.py", "prepare", *made), f"{dataset} exists: --overwrite replaces it")
+    assert (dataset / "meta.json").read_text() == before
+    assert command("data.py", "prepare", *made, "--overwrite").returncode == 0
+    assert json.loads((dataset / "meta.json").read_text())["splits"]["train"]["conversations"] == 5
 
 
 # ---------------------------------------------------------------------------------------------------------

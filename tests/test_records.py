@@ -155,4 +155,4 @@ def test_an_openchat_system_item_is_the_system_prompt_first_and_refused_anywhere
     assert [ids for ids, _ in rows(split)] == [expected, expected]
     write_jsonl(path, [{"items": [system, *turns], "system": "Be kind."}])
     with pytest.raises(BadInput, match=r"chat.jsonl:1: item 0: a system item and a 'system' field"):
-        prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
+        prepare_files(tmp_path, [f"GPT4:1.0:{path}"], overwrite=True)
