@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import Progress, arg, run_commands
-from files import (check_writable_folder, read_json, write_bytes, write_directory,
-                   write_json)
+from files import check_writable_folder, read_json, write_bytes, write_directory, write_json
 from records import (Message, Source, counts_report, keep_cut, parse_source_flag,
                      read_conversations, read_source_spec, zero_refusals)
 from tokenizer_files import open_tokenizer_file
