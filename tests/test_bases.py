@@ -12,7 +12,6 @@ from safetensors import safe_open
 
 import assets
 import data
-import train
 from conftest import MISTRAL_TOKENIZER
 from data import Message, PrepareConfig, Tokenizer, prepare, tokenize_conversation
 from model import ModelConfig, Transformer

@@ -1,7 +1,6 @@
 """tokenizer_files.py: tokenizer.json files against llama.cpp's recorded ids, a refused or unreadable
 file named, and the trained SentencePiece model's pieces never joining a number to its neighbours."""
 
-import io
 import re
 
 import numpy as np

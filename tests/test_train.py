@@ -15,12 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import train
 from conftest import ROOT
 from data import load_split
 from model import ModelConfig, Transformer
-from records import Message
 
 
 def run(args, world=1, check=True, preexec_fn=None, script="train.py"):
