@@ -240,7 +240,9 @@ def test_ctrl_c_in_a_file_of_prompts_keeps_the_answers_finished(export, tmp_path
                                for i in range(3000)))
     process = subprocess.Popen([PYTHON, str(ROOT / "sample.py"), f"--checkpoint={export}", f"--input={prompts}",
                                 f"--output={answers}", "--batch-size=1", "--max-new-tokens=4"], cwd=ROOT,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               # A suite run in a shell's background inherits SIGINT ignored: undone here.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while "prompts: " not in process.stderr.readline():  # the first progress line
         assert process.poll() is None
     process.send_signal(signal.SIGINT)
