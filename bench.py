@@ -525,10 +525,44 @@ def step_seconds(config: ModelConfig, tokens: int, conversation: int, mfu: float
     return flops / (mfu * peak_flops)
 
 
+def collective_elements(config: ModelConfig, group: int, replicate: int) -> dict:
+    """Elements of each collective one micro-batch runs, whole (before the 1/G pieces): FSDP2
+    all-gathers each block's parameters in forward and again in backward, and the root's (the
+    embeddings, the final norm, the output head) once, kept for the step; it reduce-scatters every
+    gradient once; HSDP all-reduces each rank's gradient shard across the replicas. Measured on
+    gloo by tests/train_worker.py hsdp."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in model.layers.parameters())
+    return {"all-gather": 2 * blocks + (params - blocks), "reduce-scatter": params,
+            "all-reduce": params / group if replicate > 1 else 0}
+
+
+def traffic_per_gpu(config: ModelConfig, gpus: int, gpus_per_node: int,
+                    replicate: int) -> tuple[float, float]:
+    """Bytes one GPU receives in one micro-batch's collectives (collective_elements), from GPUs of
+    its node and from other nodes. Its group of G = gpus / replicate ranks shards the parameters:
+    of the bf16 all-gathers and the float32 reduce-scatter a rank receives (G - 1)/G, a 1/G piece
+    from each other rank of the group, (G - L) of them from other nodes (L: the group's ranks on
+    one node). HSDP's float32 all-reduce across the R replicas, one per node, brings 2(R - 1)/R
+    of it, all from other nodes."""
+    group = gpus // replicate
+    elements = collective_elements(config, group, replicate)
+    local = min(group, gpus_per_node)
+    sharding = (group - 1) / group * (2 * elements["all-gather"] + 4 * elements["reduce-scatter"])
+    from_other_nodes = sharding * (group - local) / (group - 1) if group > 1 else 0.0
+    replicas = 2 * (replicate - 1) / replicate * 4 * elements["all-reduce"]
+    return sharding - from_other_nodes, from_other_nodes + replicas
+
+
 @dataclass
 class ScaleConfig:
     models: list[str] = arg(["Llama-2-7B", "Llama-3-8B", "Llama-2-13B"], "model.py MODELS names")
-    gpus: int = arg(8, "ranks sharing the model (FSDP)")
+    gpus: int = arg(8, "ranks sharing the model (FSDP), in the memory table")
+    clusters: list[int] = arg([8, 32, 64], "GPUs of the FSDP-against-HSDP table")
+    gpus_per_node: int = arg(8, "GPUs a node holds: HSDP's group")
+    node_gb_s: float = arg(50.0, "GB/s into each GPU from other nodes (400 Gb/s InfiniBand a GPU)")
     gpu_memory: float = arg(80.0, "GB per GPU")
     tokens: int = arg(32768, "packed tokens per GPU per micro-batch")
     conversation: int = arg(2048, "tokens per conversation (attention's cost)")
@@ -560,6 +594,32 @@ def bench_scale(cfg: ScaleConfig):
         print(f"| {name} | {'yes' if checkpointing else 'no'} | "
               + " | ".join(f"{v / 1e9:.1f}" for v in parts.values())
               + f" | {total:.1f} GB | {fits} | {seconds:.2f} | {cfg.tokens / seconds:,.0f} |")
+    print_fsdp_against_hsdp(cfg)
+
+
+def print_fsdp_against_hsdp(cfg: ScaleConfig):
+    """Per GPU, with activation checkpointing: the memory, and the bytes a micro-batch's
+    collectives bring from its node and from other nodes (traffic_per_gpu), for FSDP over every GPU
+    and for HSDP (train.py --replicate=nodes), against the step's compute time."""
+    print(f"\nFSDP over every GPU against HSDP (--replicate=nodes, each node sharding the model), "
+          f"{cfg.gpus_per_node} GPUs a node, {cfg.node_gb_s:g} GB/s into a GPU from other nodes; "
+          f"bytes a GPU receives per micro-batch (one a step at --grad-accum=1):\n")
+    print("| model | GPUs | sharding | memory GB/GPU | inside a node GB | across nodes GB | "
+          "across nodes s | compute s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in cfg.models:
+        config = ModelConfig.from_name(name, vocab_multiple=64)
+        compute = 4 / 3 * step_seconds(config, cfg.tokens, cfg.conversation, cfg.mfu,
+                                       cfg.peak_tflops * 1e12)
+        for gpus in cfg.clusters:
+            nodes = max(1, gpus // cfg.gpus_per_node)
+            for replicate in sorted({1, nodes}):
+                group = gpus // replicate
+                memory = sum(memory_per_gpu(config, group, cfg.tokens, True).values()) / 1e9
+                inside, across = traffic_per_gpu(config, gpus, cfg.gpus_per_node, replicate)
+                sharding = f"HSDP {replicate} x {group}" if replicate > 1 else f"FSDP {gpus}"
+                print(f"| {name} | {gpus} | {sharding} | {memory:.1f} | {inside / 1e9:.1f} | "
+                      f"{across / 1e9:.1f} | {across / 1e9 / cfg.node_gb_s:.2f} | {compute:.2f} |")
 
 
 COMMANDS = {

@@ -16,6 +16,7 @@ Read top to bottom:
   7. The loop: the run's plan, resuming, the log rows, faults, the end.
 """
 
+import datetime
 import gc
 import hashlib
 import json
@@ -24,6 +25,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -88,7 +90,12 @@ class TrainConfig:
     save_every: int = arg(0, "optimizer steps between resumable checkpoints (0: at each epoch's "
                              "end only)")
     keep_last: int = arg(0, "keep only the newest K resumable checkpoints (0: keep all)")
-    resume: bool = arg(False, "continue from the newest complete checkpoint in --out")
+    resume: bool = arg(False, "continue from the newest complete checkpoint in --out, on any "
+                              "number of ranks")
+    replicate: int = arg(1, "HSDP: the ranks in R groups (R divides them; a group per node, say), "
+                            "each sharding the model, the groups replicating it; 1: FSDP")
+    dist_timeout: float = arg(1800.0, "seconds a rank waits for the others: to form the job, and "
+                                      "in any collective (a 13B checkpoint takes minutes)")
     export_dtype: str = arg("bfloat16", "dtype of the Hugging Face exports")
 
 
@@ -121,21 +128,95 @@ def load_config(argv) -> TrainConfig:
 # 2. Processes and parallelism
 
 
-def setup_processes():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is a world of one,
-    with a process group all the same, so that one code path (FSDP2) serves both. NCCL on CUDA,
-    gloo on CPU."""
+def setup_processes(timeout_s: float = 1800.0):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (each node's GPU is its local rank); a plain
+    `python train.py` is a world of one, with a process group all the same, so that one code path
+    (FSDP2) serves both. NCCL on CUDA, gloo on CPU. A job that does not form within timeout_s
+    (a node never started, a port closed between nodes) is an error naming the rendezvous."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if cuda else "gloo"
     # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, at every barrier)
     device_id = default_device() if cuda else None
-    if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=device_id)
-    else:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device_id)
+                                device_id=device_id, timeout=timeout)
+        return
+    try:
+        dist.init_process_group(backend, device_id=device_id, timeout=timeout)
+    except dist.DistError as e:
+        rendezvous = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise TimeoutError(f"the job of {os.environ['WORLD_SIZE']} ranks did not form at "
+                           f"{rendezvous} within {timeout_s:g}s ({str(e).splitlines()[0]}): start "
+                           f"every node with the same rendezvous address, open its port between "
+                           f"the nodes, or raise --dist-timeout") from None
+
+
+def this_rank() -> str:
+    """Who is speaking, for a line one rank prints alone: empty in a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return f"rank {os.environ['RANK']} of {world} on {socket.gethostname()}: " if world > 1 else ""
+
+
+class EveryRank(Exception):
+    """An error every rank raises together, after a collective: rank 0 alone says it."""
+
+
+def rank_list(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] → "ranks 0-2, 5"."""
+    runs = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+def gather_from_ranks(value) -> list:
+    """Each rank's (value, host), on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (value, socket.gethostname()))
+    return gathered
+
+
+def on_every_rank(work):
+    """work() on every rank, its failure (ValueError, OSError) shared: if any rank failed, every
+    rank raises one EveryRank naming the ranks that failed and their hosts (unless every rank
+    failed alike), where one rank's missing file would otherwise leave the others waiting."""
+    try:
+        result, failure = work(), None
+    except (ValueError, OSError) as e:
+        result, failure = None, str(e)
+    gathered = gather_from_ranks(failure)
+    failures = {}
+    for rank, (message, host) in enumerate(gathered):
+        if message:
+            failures.setdefault(message, []).append((rank, host))
+    if len(failures) == 1 and len(next(iter(failures.values()))) == len(gathered):
+        raise EveryRank(next(iter(failures)))
+    if failures:
+        raise EveryRank("; ".join(
+            f"{rank_list([r for r, _ in who])} on {', '.join(sorted({h for _, h in who}))}: "
+            f"{message}" for message, who in failures.items()))
+    return result
+
+
+def check_same_on_every_rank(values: dict):
+    """Every rank must hold the same of each value (the dataset, the plan): where a node reads
+    other files, the ranks would train on different plans and their weight sums would disagree."""
+    gathered = gather_from_ranks(values)
+    first, first_host = gathered[0]
+    for name in values:
+        odd = [(r, host) for r, (theirs, host) in enumerate(gathered)
+               if theirs[name] != first[name]]
+        if odd:
+            raise EveryRank(f"{rank_list([r for r, _ in odd])} on "
+                            f"{', '.join(sorted({h for _, h in odd}))} hold another {name} than "
+                            f"rank 0 on {first_host}: give every node the same files")
 
 
 def shut_down_processes():
@@ -147,6 +228,18 @@ def shut_down_processes():
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def make_mesh(device, world: int, replicate: int):
+    """FSDP: one mesh dimension, every rank holds 1/world of each parameter. HSDP (replicate R):
+    R × world/R, each group of world/R ranks (a node, laid out so by torchrun's consecutive
+    ranks) shards the model and the R groups replicate it: the parameters' all-gathers and the
+    gradients' reduce-scatters stay inside a group, and only an all-reduce of each group's shard
+    crosses between groups."""
+    if replicate == 1:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (replicate, world // replicate),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
@@ -167,7 +260,8 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # FSDP2 would average the ranks' gradients; each rank's loss is already divided by the global
     # weight sum, so the ranks' gradients must be summed to give ∇L (METHOD.md §4). A plain SUM
-    # (gloo has no PreMulSum).
+    # (gloo has no PreMulSum); under HSDP both the reduce-scatter and the all-reduce across the
+    # replicas sum.
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -219,10 +313,11 @@ def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict):
 
 def shard_rows(param) -> tuple[int, int]:
     """The global rows [start, stop) of dim 0 that this rank holds of an FSDP2 parameter (as
-    torch.chunk splits them)."""
+    torch.chunk splits them over the mesh's last dimension, the sharding one)."""
     rows = param.shape[0]
-    chunk = -(-rows // param.device_mesh.size())
-    rank = param.device_mesh.get_local_rank()
+    mesh, shard_dim = param.device_mesh, param.device_mesh.ndim - 1
+    chunk = -(-rows // mesh.size(shard_dim))
+    rank = mesh.get_local_rank(shard_dim)
     start = min(rank * chunk, rows)
     stop = min((rank + 1) * chunk, rows)
     held = param.to_local().shape[0]
@@ -252,7 +347,8 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int):
         start, stop = shard_rows(params[name])
         local = params[name].to_local()
         total = local[:max(0, min(stop, base_rows) - start)].sum(0, dtype=torch.float64)
-        dist.all_reduce(total)  # the sum of the base's rows over all ranks
+        mesh = params[name].device_mesh  # the sum of the base's rows over one group's shards
+        dist.all_reduce(total, group=mesh.get_group(mesh.ndim - 1))
         for row in range(max(start, base_rows), stop):
             local[row - start] = (total / base_rows).to(local.dtype)
 
@@ -291,16 +387,20 @@ def load_data(path) -> tuple[dict, data.Split]:
     return meta, split
 
 
-def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int) -> list:
+def plan_epoch(split: data.Split, cfg: TrainConfig, world_size: int, epoch: int,
+               trained: np.ndarray | None = None) -> list:
     """The optimizer steps of one epoch: multipack into world_size × grad_accum bins per step; rank
     r takes bins r·grad_accum … r·grad_accum + grad_accum - 1 as its micro-batches. The same plan
-    on every rank."""
+    on every rank. `trained`: the conversations this epoch has trained on already (a run resumed
+    with another number of streams per step), left out."""
+    left = np.arange(len(split.lengths)) if trained is None else np.flatnonzero(~trained)
     try:
-        return data.multipack(split.lengths, cfg.batch_max_len, world_size * cfg.grad_accum,
-                              cfg.seed, epoch)
+        steps = data.multipack(split.lengths[left], cfg.batch_max_len,
+                               world_size * cfg.grad_accum, cfg.seed, epoch)
     except ValueError as e:
         raise ValueError(f"{cfg.data}: {e}; raise --batch-max-len or prepare the data with a "
                          f"smaller max_len") from None
+    return steps if trained is None else [[left[b].tolist() for b in bins] for bins in steps]
 
 
 def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
@@ -413,6 +513,40 @@ class Position:
     next_step: int = 0
 
 
+@dataclass
+class EpochStart:
+    """Where an epoch's plan begins: its first `steps` steps were planned for another number of
+    streams (a run resumed on another world size) and trained the conversations of `trained`; the
+    plan packs the rest. An epoch's own plan: no step, no conversation."""
+    steps: int
+    trained: np.ndarray  # one bool per conversation
+
+
+@dataclass
+class Clock:
+    """Where the learning rate's schedule (learning_rate) stands at each step: `start` at step
+    `step0`, `pace` further per step. A run keeps (0, 0, 1); a resume with another number of
+    streams per step, whose steps are then more or fewer, re-anchors it so that the schedule goes
+    on from where it was to where it would have ended."""
+    step0: float = 0.0
+    start: float = 0.0
+    pace: float = 1.0
+
+    def at(self, step: int) -> float:
+        return self.start + (step - self.step0) * self.pace
+
+
+@dataclass
+class Saved:
+    """What a checkpoint holds besides the model and the optimizer."""
+    at: Position
+    world: int
+    grad_accum: int
+    epoch_start: EpochStart  # of at.epoch
+    clock: Clock
+    peak_lr: float  # 0: not saved (a checkpoint from before it was)
+
+
 def check_run_directory(out: Path, cfg: TrainConfig, data_sha: str):
     """A run directory holds one run: a new run refuses one that holds another (its config.json),
     and --resume refuses other data than the run's own (its meta.json's hash)."""
@@ -442,7 +576,8 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
-def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig, rank: int):
+def save_checkpoint(model, optimizer, out: Path, at: Position, plan: "RunPlan", peak_lr: float,
+                    cfg: TrainConfig, rank: int):
     target = out / "checkpoints" / f"step-{at.step:08d}"
     tmp = target.with_name(f".tmp-{target.name}")
     if rank == 0:
@@ -450,8 +585,12 @@ def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig,
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     world = dist.get_world_size()
+    start, clock = plan.start_of(at.epoch), plan.clock
     state = {"model": model_state, "optimizer": optimizer_state,
              "progress": torch.tensor([at.step, at.epoch, at.next_step, world, cfg.grad_accum]),
+             "epoch_start": torch.from_numpy(start.trained.astype(np.uint8)),
+             "schedule": torch.tensor([start.steps, clock.step0, clock.start, clock.pace, peak_lr],
+                                      dtype=torch.float64),
              f"rng_rank{rank}": torch.get_rng_state()}
     try:
         # A world of one saves with no_dist: the same files, without the collectives that, on
@@ -466,8 +605,8 @@ def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig,
         reason = reason or str(cause).splitlines()[0]
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"saving checkpoint {target} failed: {reason}; the previous checkpoints are "
-                      f"intact") from None
+        raise EveryRank(f"saving checkpoint {target} failed: {reason}; the previous checkpoints "
+                        f"are intact") from None
     dist.barrier()
     if rank == 0:
         os.rename(tmp, target)
@@ -477,36 +616,42 @@ def save_checkpoint(model, optimizer, out: Path, at: Position, cfg: TrainConfig,
     dist.barrier()
 
 
-def load_checkpoint(model, optimizer, path: Path, cfg: TrainConfig, rank: int) -> Position:
-    world = dist.get_world_size()
-    progress = {"progress": torch.zeros(5, dtype=torch.long)}
-    dcp.load(progress, checkpoint_id=path, no_dist=world == 1)
-    step, epoch, next_step, saved_world, grad_accum = progress["progress"].tolist()
-    if (saved_world, grad_accum) != (world, cfg.grad_accum):  # the data plan depends on both
-        raise ValueError(f"{path} was saved by {saved_world} ranks with --grad-accum={grad_accum}; "
-                         f"resume with the same")
+def load_checkpoint(model, optimizer, path: Path, conversations: int, rank: int) -> Saved:
+    """The model and optimizer resharded for this world size by torch.distributed.checkpoint,
+    whatever the world size that saved them; this rank's random stream where the checkpoint holds
+    one (nothing in a step draws from it)."""
+    no_dist = dist.get_world_size() == 1
+    held = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    plan_state = {"progress": torch.zeros(5, dtype=torch.long),
+                  "epoch_start": torch.zeros(conversations, dtype=torch.uint8),
+                  "schedule": torch.tensor([0, 0, 0, 1, 0], dtype=torch.float64)}
+    dcp.load({k: v for k, v in plan_state.items() if k in held}, checkpoint_id=path,
+             no_dist=no_dist)  # a checkpoint saved before epoch_start and schedule: their zeros
+    step, epoch, next_step, world, grad_accum = plan_state["progress"].tolist()
+    steps, step0, start, pace, peak_lr = plan_state["schedule"].tolist()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state,
-             f"rng_rank{rank}": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=path, no_dist=world == 1)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if f"rng_rank{rank}" in held:
+        state[f"rng_rank{rank}"] = torch.get_rng_state()
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-    torch.set_rng_state(state[f"rng_rank{rank}"])
-    return Position(step, epoch, next_step)
+    if f"rng_rank{rank}" in state:
+        torch.set_rng_state(state[f"rng_rank{rank}"])
+    return Saved(Position(step, epoch, next_step), world, grad_accum,
+                 EpochStart(int(steps), plan_state["epoch_start"].numpy().astype(bool)),
+                 Clock(step0, start, pace), peak_lr)
 
 
-def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int, log) -> Position:
+def resume_from_newest(model, optimizer, out: Path, conversations: int, rank: int, log) -> Saved:
     """Loads the newest complete checkpoint that loads: a damaged one (a truncated file, an empty
-    .metadata) is named, renamed damaged-step-N, and the one before it tried. A checkpoint of
-    another world size or --grad-accum stops the run."""
+    .metadata) is named, renamed damaged-step-N, and the one before it tried."""
     checkpoints = complete_checkpoints(out)
     if not checkpoints:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+        raise EveryRank(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
     for path in reversed(checkpoints):
         try:
-            at = load_checkpoint(model, optimizer, path, cfg, rank)
-        except ValueError:
-            raise
+            saved = load_checkpoint(model, optimizer, path, conversations, rank)
         except (Exception, dcp.CheckpointException) as e:  # CheckpointException: a BaseException
             log(f"checkpoint {path} does not load ({type(e).__name__}: {str(e)[:200]}); kept as "
                 f"damaged-{path.name}, trying the one before")
@@ -514,10 +659,10 @@ def resume_from_newest(model, optimizer, out: Path, cfg: TrainConfig, rank: int,
                 os.rename(path, path.with_name(f"damaged-{path.name}"))
             dist.barrier()
             continue
-        log(f"resumed from {path}: step {at.step}, epoch {at.epoch + 1}")
-        return at
-    raise ValueError(f"--resume: none of the {len(checkpoints)} checkpoints in "
-                     f"{out / 'checkpoints'} loads")
+        log(f"resumed from {path}: step {saved.at.step}, epoch {saved.at.epoch + 1}")
+        return saved
+    raise EveryRank(f"--resume: none of the {len(checkpoints)} checkpoints in "
+                    f"{out / 'checkpoints'} loads")
 
 
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
@@ -565,27 +710,89 @@ def export_name(at: Position, plans, total_steps: int) -> str | None:
 @dataclass
 class RunPlan:
     """The whole run's plan, the same on every rank: each epoch's steps (their bins of
-    conversations), and the per-conversation sums the steps' weight sums and statistics are read
-    from."""
-    epochs: list  # per epoch, per step, per rank and micro-batch: conversation indices
+    conversations), where the epoch the run resumed in begins, the learning rate's clock, and the
+    per-conversation sums the steps' weight sums and statistics are read from."""
+    epochs: list  # per epoch, per step (None: done before a re-plan), per stream: conversations
+    resumed: tuple[int, EpochStart] | None  # the epoch resumed in, where its plan begins
     total_steps: int
+    clock: Clock
     conversation_weight: np.ndarray  # Σ w of each conversation
     conversation_supervised: np.ndarray  # tokens with w ≠ 0 in each conversation
     supervised_per_step: float
 
+    def start_of(self, epoch: int) -> EpochStart:
+        if self.resumed and self.resumed[0] == epoch:
+            return self.resumed[1]
+        return EpochStart(0, np.zeros(len(self.conversation_weight), dtype=bool))
 
-def plan_run(split: data.Split, cfg: TrainConfig, world: int) -> RunPlan:
-    epochs = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
-    supervised = np.add.reduceat(np.asarray(split.target_weights) != 0, split.offsets)
-    total_steps = sum(len(p) for p in epochs)
+
+def make_plan(split: data.Split, cfg: TrainConfig, epochs: list, at: Position,
+              resumed: tuple[int, EpochStart] | None, clock: Clock) -> RunPlan:
+    """A RunPlan of the epochs' steps from `at`: the steps done before at.epoch, and every step of
+    the epochs from it."""
+    total_steps = at.step - at.next_step + sum(len(p) for p in epochs[at.epoch:])
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    if not total_steps:
-        raise ValueError(f"{cfg.data}: not enough data for one step of {world * cfg.grad_accum} "
-                         f"streams")
-    all_steps = [s for p in epochs for s in p]
-    per_step = sum(supervised[b].sum() for s in all_steps for b in s) / len(all_steps)
-    return RunPlan(epochs, total_steps, conversation_weights(split), supervised, per_step)
+    supervised = np.add.reduceat(np.asarray(split.target_weights) != 0, split.offsets)
+    steps = [s for p in epochs for s in p if s is not None]
+    per_step = sum(supervised[b].sum() for s in steps for b in s) / max(1, len(steps))
+    return RunPlan(epochs, resumed, total_steps, clock, conversation_weights(split), supervised,
+                   per_step)
+
+
+def plan_run(split: data.Split, cfg: TrainConfig, world: int,
+             saved: Saved | None = None) -> RunPlan:
+    """The run's plan from its start, or from a checkpoint. A resume with the same streams per
+    step (ranks × micro-batches) goes on with the saved plan exactly. With another number, the
+    conversations the epoch has not trained on are packed for the new streams, as are the later
+    epochs, and the learning rate's clock is re-anchored: every conversation still trains once
+    per epoch, and the schedule ends where it would have."""
+    epochs = [plan_epoch(split, cfg, world, e) for e in range(cfg.epochs)]
+    if saved is None:
+        return make_plan(split, cfg, epochs, Position(), None, Clock())
+    at, start = saved.at, saved.epoch_start
+    if at.epoch >= cfg.epochs:  # a finished run asked for fewer epochs: nothing left
+        return make_plan(split, cfg, epochs, at, None, saved.clock)
+    saved_cfg = replace(cfg, grad_accum=saved.grad_accum)
+    saved_epoch = plan_epoch(split, saved_cfg, saved.world, at.epoch,
+                             start.trained if start.steps else None)
+    saved_epoch = [None] * start.steps + saved_epoch
+    if saved.world * saved.grad_accum == world * cfg.grad_accum:
+        epochs[at.epoch] = saved_epoch
+        return make_plan(split, cfg, epochs, at, (at.epoch, start), saved.clock)
+    later = [plan_epoch(split, saved_cfg, saved.world, e) for e in range(at.epoch + 1, cfg.epochs)]
+    old_total = make_plan(split, saved_cfg, epochs[:at.epoch] + [saved_epoch] + later, at, None,
+                          saved.clock).total_steps
+    trained = start.trained.copy()
+    for step in saved_epoch[start.steps:at.next_step]:
+        for stream in step:
+            trained[stream] = True
+    if at.next_step < len(saved_epoch):
+        start = EpochStart(at.next_step, trained)
+        epochs[at.epoch] = [None] * at.next_step + plan_epoch(split, cfg, world, at.epoch, trained)
+    else:  # the epoch is over: the next one starts from nothing
+        epochs[at.epoch] = saved_epoch
+    plan = make_plan(split, cfg, epochs, at, (at.epoch, start), saved.clock)
+    now = saved.clock.at(at.step)
+    left = plan.total_steps - at.step
+    plan.clock = Clock(at.step, now, (saved.clock.at(old_total) - now) / left if left > 0 else 1.0)
+    return plan
+
+
+def plan_digest(plan: RunPlan) -> str:
+    """A fingerprint of what the run will train on: every step's conversations and their Σ w."""
+    digest = hashlib.sha256(repr(plan.epochs).encode())
+    digest.update(plan.conversation_weight.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def read_inputs(cfg: TrainConfig) -> tuple[dict, data.Split, str]:
+    """The dataset, its meta.json's hash, and the run directory checked against them."""
+    check_inputs(cfg)
+    meta, split = load_data(cfg.data)
+    data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
+    check_run_directory(Path(cfg.out), cfg, data_sha)
+    return meta, split, data_sha
 
 
 def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
@@ -595,17 +802,20 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
     device = default_device()
     out = Path(cfg.out)
     log = print if rank == 0 else (lambda *a, **k: None)
-    meta, split = load_data(cfg.data)
-    data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
-    check_run_directory(out, cfg, data_sha)
-    dist.barrier()  # every rank has looked before rank 0 writes config.json
+    # Every rank has looked (gathered) before rank 0 writes config.json.
+    meta, split, data_sha = on_every_rank(lambda: read_inputs(cfg))
+    check_same_on_every_rank({"dataset (meta.json's sha256)": data_sha})
     compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
-    plan = plan_run(split, cfg, world)
-    peak_lr = cfg.lr or auto_lr(plan.supervised_per_step, cfg.lr_scale)
-    mesh = init_device_mesh(device.type, (world,))
-    model = build_model(cfg, meta, mesh, device, compute_dtype)
-    optimizer = make_optimizer(model, cfg, peak_lr)
-    at = resume(model, optimizer, meta, cfg, plan, rank, log) if cfg.resume else Position()
+    model = build_model(cfg, meta, make_mesh(device, world, cfg.replicate), device, compute_dtype)
+    optimizer = make_optimizer(model, cfg, cfg.lr)  # its learning rate is set at every step
+    saved = None
+    if cfg.resume:
+        saved = resume_from_newest(model, optimizer, out, len(split.lengths), rank, log)
+    plan = plan_run(split, cfg, world, saved)
+    check_same_on_every_rank({"plan": plan_digest(plan)})
+    peak_lr = cfg.lr or (saved and saved.peak_lr) or auto_lr(plan.supervised_per_step,
+                                                              cfg.lr_scale)
+    at = resume(model, meta, cfg, plan, saved, rank, log) if saved else Position()
     if at.step >= plan.total_steps:
         exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)
         log(f"{out} is complete ({at.step} of {plan.total_steps} steps): nothing to do")
@@ -614,10 +824,12 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**asdict(cfg), "dataset_meta_sha256": data_sha})
     threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
-    log(f"{world} rank(s) on {device.type}{threads}, {compute_dtype}; {len(split.lengths):,} "
-        f"conversations; {plan.total_steps:,} optimizer steps of {world * cfg.grad_accum} x "
-        f"{cfg.batch_max_len:,} tokens ({plan.supervised_per_step:,.0f} supervised tokens per "
-        f"step); peak lr {peak_lr:.3g}")
+    sharding = f"HSDP {cfg.replicate} x {world // cfg.replicate}" if cfg.replicate > 1 else "FSDP"
+    log(f"{world} rank(s) on {device.type}{threads}, {sharding}, {compute_dtype}; "
+        f"{len(split.lengths):,} conversations; {plan.total_steps:,} optimizer steps of "
+        f"{world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
+        f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}; "
+        f"plan {plan_digest(plan)}, the same on every rank")
     metrics = MetricsLog(meta["sources"], plan.total_steps, matmul_peak_flops(device), device, log,
                          at.step, open(out / "metrics.jsonl", "a") if rank == 0 else None)
     try:
@@ -645,7 +857,7 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
             at = Position(at.step, at.epoch + 1, 0)
             continue
         bins = plan.epochs[at.epoch][at.next_step]
-        lr = learning_rate(at.step, plan.total_steps, peak_lr, cfg)
+        lr = learning_rate(plan.clock.at(at.step), plan.clock.at(plan.total_steps), peak_lr, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
@@ -653,8 +865,8 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
         stats, losses, grad_norm = optimizer_step(
             model, optimizer, batches, step_weight_sum(plan.conversation_weight, bins),
             len(meta["sources"]), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise non_finite_loss(at, rank, mine, losses)
+        if not torch.isfinite(grad_norm):  # on every rank: the norm is global
+            raise non_finite_loss(at, mine, losses)
         at = Position(at.step + 1, at.epoch, at.next_step + 1)
         lengths = split.lengths[[i for b in bins for i in b]]
         metrics.add(stats, lengths, int(sum(plan.conversation_supervised[b].sum() for b in bins)),
@@ -665,7 +877,7 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
         epoch_done = at.next_step == len(plan.epochs[at.epoch])
         every = cfg.save_every and at.step % cfg.save_every == 0
         if every or epoch_done or at.step == plan.total_steps or stop:
-            save_checkpoint(model, optimizer, out, at, cfg, rank)
+            save_checkpoint(model, optimizer, out, at, plan, peak_lr, cfg, rank)
         if name := export_name(at, plan.epochs, plan.total_steps):
             last_export = out / "exports" / name
             export(model, meta, cfg, last_export, at.step, rank)
@@ -674,12 +886,13 @@ def run_steps(model, optimizer, split, meta, plan: RunPlan, at: Position, peak_l
     return last_export
 
 
-def resume(model, optimizer, meta: dict, cfg: TrainConfig, plan: RunPlan, rank: int,
+def resume(model, meta: dict, cfg: TrainConfig, plan: RunPlan, saved: Saved, rank: int,
            log) -> Position:
-    """The position of the newest checkpoint that loads, its export made again if the run stopped
-    while writing it, and metrics.jsonl cut back to it."""
-    out = Path(cfg.out)
-    at = resume_from_newest(model, optimizer, out, cfg, rank, log)
+    """The checkpoint's position, what changed with the world size said, its export made again if
+    the run stopped while writing it, and metrics.jsonl cut back to it."""
+    out, at, world = Path(cfg.out), saved.at, dist.get_world_size()
+    if (saved.world, saved.grad_accum) != (world, cfg.grad_accum):
+        log(resumed_world(saved, cfg, world, plan))
     name = export_name(at, plan.epochs, plan.total_steps)  # its checkpoint's export
     if name and not (out / "exports" / name / "crlft.json").exists():
         log(f"exports/{name} was not finished: exporting it again from the checkpoint of step "
@@ -690,13 +903,37 @@ def resume(model, optimizer, meta: dict, cfg: TrainConfig, plan: RunPlan, rank: 
     return at
 
 
-def non_finite_loss(at: Position, rank: int, mine, losses) -> FloatingPointError:
-    """The error for a step whose gradient norm is not finite, naming this rank's culprits."""
+def resumed_world(saved: Saved, cfg: TrainConfig, world: int, plan: RunPlan) -> str:
+    """One line on what a resume on another world size keeps and what it cannot."""
+    streams, saved_streams = world * cfg.grad_accum, saved.world * saved.grad_accum
+    line = (f"saved by {saved.world} rank(s) x {saved.grad_accum} micro-batch(es), resumed on "
+            f"{world} x {cfg.grad_accum}: ")
+    if streams == saved_streams:
+        line += f"the same {streams} streams a step, the plan goes on unchanged"
+    else:
+        epoch = saved.at.epoch
+        left = len(plan.epochs[epoch]) - saved.at.next_step if epoch < len(plan.epochs) else 0
+        line += (f"{streams} stream(s) a step instead of {saved_streams}: the conversations epoch "
+                 f"{epoch + 1} has not trained on ({left} steps now) and the later epochs packed "
+                 f"anew, {plan.total_steps:,} steps in all; the learning rate goes on along its "
+                 f"schedule")
+        if saved_streams % world == 0:
+            line += f" (--grad-accum={saved_streams // world} would keep the saved plan)"
+    if world > saved.world:
+        line += (f"; ranks {saved.world}-{world - 1} start their random streams anew (nothing in "
+                 f"a step draws from them)")
+    return line
+
+
+def non_finite_loss(at: Position, mine, losses) -> EveryRank:
+    """The error for a step whose gradient norm is not finite, naming every rank's culprits."""
     bad = [f"micro-batch {i + 1} (conversations {b})"
            for i, (b, loss) in enumerate(zip(mine, losses.tolist())) if not math.isfinite(loss)]
-    return FloatingPointError(
+    culprits = [f"rank {r}: " + ", ".join(theirs) for r, (theirs, _) in
+                enumerate(gather_from_ranks(bad)) if theirs]
+    return EveryRank(
         f"non-finite loss at step {at.step + 1} (epoch {at.epoch + 1}, step {at.next_step + 1} of "
-        f"the epoch)" + (f"; on rank {rank}: " + ", ".join(bad) if bad else "")
+        f"the epoch)" + ("; " + "; ".join(culprits) if culprits else "")
         + "; no update was applied; the last checkpoint is intact: fix the data or the settings, "
           "then --resume")
 
@@ -855,7 +1092,9 @@ def check_config(cfg: TrainConfig):
             "dtype": cfg.dtype in ("auto", "bfloat16", "float32"), "model": cfg.model in MODELS,
             "vocab_multiple": cfg.vocab_multiple >= 0, "threads": cfg.threads >= 0,
             "log_every": cfg.log_every >= 1, "save_every": cfg.save_every >= 0,
-            "keep_last": cfg.keep_last >= 0,
+            "keep_last": cfg.keep_last >= 0, "dist_timeout": 0 < cfg.dist_timeout < math.inf,
+            "replicate": cfg.replicate >= 1
+            and int(os.environ.get("WORLD_SIZE", 1)) % cfg.replicate == 0,
             "export_dtype": cfg.export_dtype in ("bfloat16", "float16", "float32")}
     for name, ok in fine.items():
         if not ok:
@@ -865,9 +1104,8 @@ def check_config(cfg: TrainConfig):
 
 
 def check_inputs(cfg: TrainConfig):
-    """The flags, the dataset and the base, and the run directory's folder, before any process
-    group: a missing input is one line that says how to make it."""
-    check_config(cfg)
+    """The dataset and the base, and the run directory's folder: a missing input is one line that
+    says how to make it."""
     check_writable_folder(Path(cfg.out).parent)
     if not cfg.data:
         raise FileNotFoundError(f"--data is required with --preset={cfg.preset}")
@@ -882,16 +1120,16 @@ def main(argv):
     cfg = load_config(argv)
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        check_inputs(cfg)
-    except (ValueError, OSError) as e:
+        check_config(cfg)
+    except ValueError as e:  # the same flags on every rank: rank 0 says it
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if not torch.cuda.is_available():
         set_cpu_threads(cfg.threads)
     silence_expected_warnings()
-    setup_processes()
     try:
+        setup_processes(cfg.dist_timeout)
         train(cfg, StopRequests())
     except Stopped as e:  # every rank together, after the same step: a clean end
         if rank0:
@@ -903,9 +1141,12 @@ def main(argv):
             print(f"interrupted: stopped at once; the newest complete checkpoint in "
                   f"{cfg.out}/checkpoints is where --resume continues", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGINT)
-    except (ValueError, OSError, FloatingPointError) as e:  # the data, files or flags: one line
+    except EveryRank as e:  # found together (the inputs, a checkpoint, the loss): one line
         if rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except (ValueError, OSError) as e:  # this rank's alone: it says so, and which it is
+        print(f"error: {this_rank()}{e}", file=sys.stderr, flush=True)
         sys.exit(1)
     shut_down_processes()  # only after success: after an error another rank may be in a collective
 

@@ -1,12 +1,15 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §4, in float64
+  train_worker.py hsdp DATA      HSDP (2 × 2) gives FSDP's gradient over 4 ranks, and that of one float64 process;
+                                 the collectives of each are those bench.py scale counts
   train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
                                              vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
   train_worker.py bf16 DATA       under a bf16 policy the token weights reach the loss in float32, exact
   train_worker.py state DATA      bench.py scale's sharded parameters, gradients and AdamW moments, as held
   train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
+  train_worker.py record FILE ARGS  train.py ARGS, each rank appending the conversations of each micro-batch to FILE
 """
 
 import sys
@@ -48,10 +51,18 @@ def step_identity(data_dir):
     n_classes = len(meta["sources"])
     batches = [train.make_batch(split, b, CPU) for b in mine]
     train.forward_backward(model, batches, train.step_weight_sum(weight_of, bins), n_classes)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    for name, reference in float64_gradient(cfg, meta, split, bins).items():
+        err = relative_error(grads[name], reference)
+        assert err < 1e-5, f"{name}: gradient off by {err:.2e}"
+    print(f"rank {rank}: normalisation identity holds (rank weight sums {rank_sums(bins)})", flush=True)
 
-    # METHOD.md §4 directly: one float64 model, every stream of the step, Σ w·CE / Σ w from the full logits.
+
+def float64_gradient(cfg, meta, split, bins) -> dict:
+    """METHOD.md §4 directly: one float64 model, every stream of the step, ∇ of Σ w·CE / Σ w from the full
+    logits."""
     torch.manual_seed(cfg.seed)
-    reference = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"])).double()
+    reference = Transformer(ModelConfig.from_name(cfg.model, vocab_size=meta["tokenizer"]["vocab_size"])).double()
     numerator, denominator = 0, 0
     for b in bins:
         batch = train.make_batch(split, b, CPU)
@@ -60,11 +71,56 @@ def step_identity(data_dir):
         numerator = numerator + weighted_cross_entropy(logits, batch.targets, w)
         denominator += w.sum().item()
     (numerator / denominator).backward()
-    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-    for name, p in reference.named_parameters():
-        err = relative_error(grads[name], p.grad)
-        assert err < 1e-5, f"{name}: gradient off by {err:.2e}"
-    print(f"rank {rank}: normalisation identity holds (rank weight sums {rank_sums(bins)})", flush=True)
+    return {n: p.grad for n, p in reference.named_parameters()}
+
+
+def counted_collectives(work) -> dict:
+    """Elements of the collectives FSDP2 runs in work(), whole: each all-gather's output, each reduce-scatter's
+    input, each all-reduce's tensor."""
+    import inspect
+    counted = {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 0}
+    originals = {}
+    for name, what, argument in (("all_gather_single", "all-gather", "output_tensor"),
+                                 ("reduce_scatter_single", "reduce-scatter", "input"),
+                                 ("all_reduce", "all-reduce", "tensor")):
+        original = originals[name] = getattr(dist, name)
+
+        def counting(*args, _original=original, _what=what, _argument=argument, **kwargs):
+            counted[_what] += inspect.signature(_original).bind(*args, **kwargs).arguments[_argument].numel()
+            return _original(*args, **kwargs)
+        setattr(dist, name, counting)
+    try:
+        work()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    return counted
+
+
+def hsdp_gradient(data_dir):
+    """One step's bins, 4 streams, one per rank: under FSDP (one mesh dimension of 4) and under HSDP (2 groups
+    of 2, replicated), the same gradient, and that of one float64 process; each one's collectives as many
+    elements as bench.py scale counts (within FSDP2's padding of each parameter to the group's size)."""
+    import bench
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512)
+    meta, split = train.load_data(data_dir)
+    bins = train.plan_epoch(split, cfg, world, epoch=0)[0]
+    weight_sum = train.step_weight_sum(train.conversation_weights(split), bins)
+    grads = {}
+    for replicate in (1, 2):
+        model = train.build_model(cfg, meta, train.make_mesh(CPU, world, replicate), CPU, torch.float32)
+        batch = train.make_batch(split, bins[rank], CPU)
+        counted = counted_collectives(lambda: train.forward_backward(model, [batch], weight_sum, len(meta["sources"])))
+        for what, predicted in bench.collective_elements(model.config, world // replicate, replicate).items():
+            assert predicted <= counted[what] <= 1.01 * predicted, (replicate, what, counted[what], predicted)
+        grads[replicate] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        shards = {type(p).__name__ for p in model.layers[0].input_layernorm.weight.placements}
+        assert shards == ({"Shard"} if replicate == 1 else {"Replicate", "Shard"}), shards
+    for name, reference in float64_gradient(cfg, meta, split, bins).items():
+        assert relative_error(grads[2][name], grads[1][name]) < 1e-6, name
+        assert relative_error(grads[2][name], reference) < 1e-5, name
+    print(f"rank {rank}: HSDP gradient = FSDP gradient = float64 gradient", flush=True)
 
 
 def base_loading(data_dir, base_dir, vocab_multiple="1"):
@@ -181,9 +237,26 @@ def export_logits(data_dir, out):
     print("export matches", flush=True)
 
 
+def recorded(file, *argv):
+    """train.main(argv), every micro-batch's conversations appended to `file` as a JSON line with its rank."""
+    import json
+    make_batch = train.make_batch
+
+    def recording(split, conversations, device):
+        with open(file, "a") as f:
+            f.write(json.dumps({"rank": dist.get_rank(), "conversations": conversations}) + "\n")
+        return make_batch(split, conversations, device)
+
+    train.make_batch = recording
+    train.main(list(argv))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "record":
+        recorded(*sys.argv[2:])
+        sys.exit()
     train.setup_processes()
     mode, *args = sys.argv[1:]
-    {"step": step_identity, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
+    {"step": step_identity, "hsdp": hsdp_gradient, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
      "state": sharded_state, "export": export_logits}[mode](*args)
     train.shut_down_processes()
