@@ -164,16 +164,17 @@ class EveryRank(Exception):
     """An error every rank raises together, after a collective: rank 0 alone says it."""
 
 
-def rank_list(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] → "ranks 0-2, 5"."""
+def ranks_on_hosts(who: list[tuple[int, str]]) -> str:
+    """[(0, "a"), (1, "a"), (2, "b"), (5, "b")] → "ranks 0-2, 5 on a, b"."""
     runs = []
-    for r in ranks:
+    for r, _ in who:
         if runs and r == runs[-1][1] + 1:
             runs[-1][1] = r
         else:
             runs.append([r, r])
-    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
-    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+    ranks = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    hosts = ", ".join(sorted({host for _, host in who}))
+    return f"rank{'s' if len(who) > 1 else ''} {ranks} on {hosts}"
 
 
 def gather_from_ranks(value) -> list:
@@ -199,9 +200,8 @@ def on_every_rank(work):
     if len(failures) == 1 and len(next(iter(failures.values()))) == len(gathered):
         raise EveryRank(next(iter(failures)))
     if failures:
-        raise EveryRank("; ".join(
-            f"{rank_list([r for r, _ in who])} on {', '.join(sorted({h for _, h in who}))}: "
-            f"{message}" for message, who in failures.items()))
+        raise EveryRank("; ".join(f"{ranks_on_hosts(who)}: {message}"
+                                  for message, who in failures.items()))
     return result
 
 
@@ -214,9 +214,8 @@ def check_same_on_every_rank(values: dict):
         odd = [(r, host) for r, (theirs, host) in enumerate(gathered)
                if theirs[name] != first[name]]
         if odd:
-            raise EveryRank(f"{rank_list([r for r, _ in odd])} on "
-                            f"{', '.join(sorted({h for _, h in odd}))} hold another {name} than "
-                            f"rank 0 on {first_host}: give every node the same files")
+            raise EveryRank(f"{ranks_on_hosts(odd)} hold another {name} than rank 0 on "
+                            f"{first_host}: give every node the same files")
 
 
 def shut_down_processes():
@@ -829,7 +828,7 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
         f"{len(split.lengths):,} conversations; {plan.total_steps:,} optimizer steps of "
         f"{world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
         f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}; "
-        f"plan {plan_digest(plan)}, the same on every rank")
+        f"plan {plan_digest(plan)}" + (f", the same on all {world} ranks" if world > 1 else ""))
     metrics = MetricsLog(meta["sources"], plan.total_steps, matmul_peak_flops(device), device, log,
                          at.step, open(out / "metrics.jsonl", "a") if rank == 0 else None)
     try:
@@ -909,7 +908,8 @@ def resumed_world(saved: Saved, cfg: TrainConfig, world: int, plan: RunPlan) -> 
     line = (f"saved by {saved.world} rank(s) x {saved.grad_accum} micro-batch(es), resumed on "
             f"{world} x {cfg.grad_accum}: ")
     if streams == saved_streams:
-        line += f"the same {streams} streams a step, the plan goes on unchanged"
+        line += (f"the same {streams} streams a step, the plan goes on unchanged (its sums in "
+                 f"another order: equal to rounding, not bit for bit)")
     else:
         epoch = saved.at.epoch
         left = len(plan.epochs[epoch]) - saved.at.next_step if epoch < len(plan.epochs) else 0

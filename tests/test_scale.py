@@ -66,7 +66,7 @@ def test_eight_ranks_hold_one_plan_train_as_one_float64_process_checkpoint_resum
     meta, split = train.load_data(dataset)
     plan = train.plan_run(split, train.load_config([str(a) for a in args]), 8)
     # Every rank gathered the plan's fingerprint (its steps' conversations and their Σ w): all alike.
-    assert f"plan {train.plan_digest(plan)}, the same on every rank" in result.stdout
+    assert f"plan {train.plan_digest(plan)}, the same on all 8 ranks" in result.stdout
     assert "8 rank(s) on cpu (1 thread(s) each), FSDP" in result.stdout
     losses = [row["loss"] for row in metrics(out)]
     assert losses == pytest.approx(float64_steps(dataset, args, streams=8, steps=2), rel=1e-5)
@@ -142,9 +142,15 @@ def test_a_node_without_the_data_is_named_with_its_ranks_and_host(dataset, tmp_p
 # HSDP: the gradient of a step, against FSDP and one float64 process
 
 
-def test_hsdp_gives_the_gradient_of_fsdp_and_of_one_float64_process(dataset):
-    result = run(["hsdp", dataset], world=4, script="tests/train_worker.py")
+def test_hsdp_gives_the_gradient_of_fsdp_and_of_one_float64_process_and_reads_a_base_alike(dataset, tmp_path):
+    """The collectives of each counted as bench.py scale counts them; a base read a slice per rank of each
+    group, new token rows at the mean, as under FSDP."""
+    torch.manual_seed(0)
+    base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
+    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    result = run(["hsdp", dataset, tmp_path], world=4, script="tests/train_worker.py")
     assert result.stdout.count("HSDP gradient = FSDP gradient = float64 gradient") == 4
+    assert result.stdout.count("base loaded") == 4
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §4, in float64
-  train_worker.py hsdp DATA      HSDP (2 × 2) gives FSDP's gradient over 4 ranks, and that of one float64 process;
-                                 the collectives of each are those bench.py scale counts
+  train_worker.py hsdp DATA BASE  HSDP (2 × 2) gives FSDP's gradient over 4 ranks, and that of one float64
+                                 process; the collectives of each are those bench.py scale counts; BASE read as
+                                 under FSDP
   train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
                                              vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
@@ -97,7 +98,7 @@ def counted_collectives(work) -> dict:
     return counted
 
 
-def hsdp_gradient(data_dir):
+def hsdp_gradient(data_dir, base_dir):
     """One step's bins, 4 streams, one per rank: under FSDP (one mesh dimension of 4) and under HSDP (2 groups
     of 2, replicated), the same gradient, and that of one float64 process; each one's collectives as many
     elements as bench.py scale counts (within FSDP2's padding of each parameter to the group's size)."""
@@ -121,12 +122,13 @@ def hsdp_gradient(data_dir):
         assert relative_error(grads[2][name], grads[1][name]) < 1e-6, name
         assert relative_error(grads[2][name], reference) < 1e-5, name
     print(f"rank {rank}: HSDP gradient = FSDP gradient = float64 gradient", flush=True)
+    base_loading(data_dir, base_dir, replicate=2)
 
 
-def base_loading(data_dir, base_dir, vocab_multiple="1"):
+def base_loading(data_dir, base_dir, vocab_multiple="1", replicate=1):
     cfg = train.TrainConfig(data=data_dir, base=base_dir, vocab_multiple=int(vocab_multiple))
     meta, _ = train.load_data(data_dir)
-    model = train.build_model(cfg, meta, init_device_mesh("cpu", (dist.get_world_size(),)), CPU, torch.float32)
+    model = train.build_model(cfg, meta, train.make_mesh(CPU, dist.get_world_size(), replicate), CPU, torch.float32)
     base = Transformer.from_pretrained(base_dir)
     rows = base.config.vocab_size
     assert model.config.vocab_size == meta["tokenizer"]["vocab_size"] > rows
