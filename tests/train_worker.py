@@ -7,6 +7,8 @@
   train_worker.py base DATA BASE [MULTIPLE]  a Hugging Face base read a slice per rank, new token rows (and
                                              vocabulary padding rows) at the mean
   train_worker.py tied DATA BASE  a base with tied embeddings: one parameter, one gradient, under FSDP2
+  train_worker.py untrained DATA BASE...  Llama-3-shaped bases: template rows never trained set to the reference's
+                                          mean, a trained base read bit for bit
   train_worker.py bf16 DATA       under a bf16 policy the token weights reach the loss in float32, exact
   train_worker.py state DATA      bench.py scale's sharded parameters, gradients and AdamW moments, as held
   train_worker.py export DATA OUT a short run's export gives the trained model's logits, in ours and transformers
@@ -169,6 +171,31 @@ def tied_base(data_dir, base_dir):
     print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
 
 
+def untrained_rows(data_dir, *bases):
+    """Each base read under FSDP2: where its rows of <|eot_id|>, <|start_header_id|> and <|end_header_id|> are
+    zero, they and their output-head rows become what the reference's init_special_embedding_llama3.py writes,
+    torch.mean(rows[:128000] in float32), tied or not, and the log names them; every other row, and every row of
+    a base whose rows are trained, bit for bit the base's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta, _ = train.load_data(data_dir)
+    tokens = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    ids = [meta["tokenizer"]["special_tokens"][t] for t in tokens]
+    for base_dir in bases:
+        logged = []
+        model = train.build_model(train.TrainConfig(data=data_dir, base=base_dir), meta,
+                                  train.make_mesh(CPU, world, 1), CPU, torch.float32, log=logged.append)
+        loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
+        base = Transformer.from_pretrained(base_dir)
+        untrained = not base.embed_tokens.weight[ids].any()
+        for name, p in base.named_parameters():
+            expected = p.detach().clone()
+            if untrained and name in ("embed_tokens.weight", "lm_head.weight"):
+                expected[ids] = torch.mean(p[:128000].to(torch.float32), dim=0)
+            torch.testing.assert_close(loaded[name], expected, rtol=0, atol=1e-7 if untrained else 0, msg=name)
+        assert len(logged) == untrained and all(t in "".join(logged) for t in tokens if untrained)
+    print(f"rank {rank}: untrained rows at the reference's mean", flush=True)
+
+
 def bf16_weights(data_dir):
     """0.1, the demo's GPT3 weight, is no bf16 number (it would become 0.10009765625): the loss must weigh each
     token's CE by the float32 weight while the model computes in bf16, or Σ w·CE / Σ w is not the loss."""
@@ -259,6 +286,6 @@ if __name__ == "__main__":
         sys.exit()
     train.setup_processes()
     mode, *args = sys.argv[1:]
-    {"step": step_identity, "hsdp": hsdp_gradient, "base": base_loading, "tied": tied_base, "bf16": bf16_weights,
+    {"step": step_identity, "hsdp": hsdp_gradient, "base": base_loading, "untrained": untrained_rows, "tied": tied_base, "bf16": bf16_weights,
      "state": sharded_state, "export": export_logits}[mode](*args)
     train.shut_down_processes()
