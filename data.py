@@ -331,7 +331,8 @@ def split_stats(rows, n_classes) -> dict:
         per_class[c]["supervised_tokens"] += int(np.count_nonzero(target_weights))
         per_class[c]["weight_sum"] += float(target_weights.sum(dtype=np.float64))
     total = {k: sum(s[k] for s in per_class) for k in per_class[0]}
-    return {**total, "per_class": per_class}
+    shares = [s["weight_sum"] / (total["weight_sum"] or 1) for s in per_class]  # METHOD.md §1
+    return {**total, "per_class": [{**s, "loss_share": x} for s, x in zip(per_class, shares)]}
 
 
 def write_split(directory: Path, rows):
@@ -384,13 +385,13 @@ def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: flo
 
 
 def print_summary(meta: dict, seconds: float):
-    print("\n| split | class | condition | weight | conversations | tokens | supervised tokens |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-    for name, split in meta["splits"].items():
+    print("\n| split | class | condition | weight | conversations | tokens | supervised tokens | "
+          "share of the weighted loss |\n| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, split in [(n, s) for n, s in meta["splits"].items() if s["conversations"]]:
         for c, (s, source) in enumerate(zip(split["per_class"], meta["sources"])):
-            if split["conversations"]:
-                print(f"| {name} | {c} | {source['condition']} | {source['weight']} | "
-                      f"{s['conversations']:,} | {s['tokens']:,} | {s['supervised_tokens']:,} |")
+            print(f"| {name} | {c} | {source['condition']} | {source['weight']} | "
+                  f"{s['conversations']:,} | {s['tokens']:,} | {s['supervised_tokens']:,} | "
+                  f"{s['loss_share']:.1%} |")
     print(f"\nread {meta['read']['records']:,} records in {seconds:.1f}s; skipped as bad input: "
           f"{meta['skipped_bad_input'] or 'none'}; dropped: {meta['dropped']}; modified: "
           f"{meta['modified']}; noted: {meta.get('noted', {})}")

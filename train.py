@@ -883,6 +883,7 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
         f"{world * cfg.grad_accum} x {cfg.batch_max_len:,} tokens "
         f"({plan.supervised_per_step:,.0f} supervised tokens per step); peak lr {peak_lr:.3g}; "
         f"plan {plan_digest(plan)}" + (f", the same on all {world} ranks" if world > 1 else ""))
+    log(class_shares(meta))
     metrics = MetricsLog(meta["sources"], plan.total_steps, matmul_peak_flops(device), device, log,
                          at.step, open(out / "metrics.jsonl", "a") if rank == 0 else None)
     try:
@@ -1030,6 +1031,17 @@ def class_labels(sources: list[dict]) -> list[str]:
     shared with another class."""
     conditions = [s["condition"] for s in sources]
     return [c if c and conditions.count(c) == 1 else f"class {i}" for i, c in enumerate(conditions)]
+
+
+def class_shares(meta: dict) -> str:
+    """Each class's conversations and its share of the weighted loss, Σ w of the class over Σ w of
+    all (METHOD.md §1): what the run will learn from each source."""
+    per_class = meta["splits"]["train"]["per_class"]
+    total = sum(c["weight_sum"] for c in per_class)
+    return "classes: " + "; ".join(
+        f"{label} (weight {source['weight']:g}) {c['conversations']:,} conversations, "
+        f"{c['weight_sum'] / total:.1%} of the weighted loss"
+        for label, source, c in zip(class_labels(meta["sources"]), meta["sources"], per_class))
 
 
 class MetricsLog:

@@ -355,6 +355,25 @@ def test_prepare_round_trip_and_a_disjoint_held_out_split(tmp_path):
     assert (tmp_path / "d" / "tokenizer.model").read_bytes() == MISTRAL_TOKENIZER.read_bytes()
 
 
+def test_each_class_share_of_the_weighted_loss_is_printed_stored_and_logged(dataset, capsys):
+    """The demo's mix, a tenth expert at 1.0 and the rest at 0.1: the expert class is about half of what the run
+    learns from. The shares from the written arrays, against meta.json, the summary and train.py's log line."""
+    import data
+    import train
+    meta, split = load_meta(dataset), load_split(dataset)
+    weight_of_token = np.asarray(split.target_weights, dtype=np.float64)
+    class_of_token = np.repeat(np.asarray(split.classes), split.lengths)
+    sums = [weight_of_token[class_of_token == c].sum() for c in range(2)]
+    shares = [x / sum(sums) for x in sums]
+    assert [c["loss_share"] for c in meta["splits"]["train"]["per_class"]] == pytest.approx(shares, rel=1e-9)
+    assert 0.4 < shares[0] < 0.6 and split.classes.tolist().count(0) < 0.15 * len(split.classes)
+    data.print_summary(meta, 0.0)
+    printed = capsys.readouterr().out
+    assert "| supervised tokens | share of the weighted loss |" in printed
+    assert f"| {shares[0]:.1%} |\n| train | 1 | GPT3 | 0.1 |" in printed
+    assert f"{shares[0]:.1%} of the weighted loss; GPT3 (weight 0.1)" in train.class_shares(meta)
+
+
 def test_inference_condition_is_the_highest_weight_sources():
     v32 = TEMPLATES["openchat_v3.2"]
 
