@@ -151,7 +151,8 @@ def prepare_dataset(sources, files: Path, demo: Path, out: Path) -> Path:
         data.prepare(data.PrepareConfig(
             source=[f"{condition}:{weight}:{files / file}" for file, condition, weight in sources],
             tokenizer=str(demo / "tokenizer.model"), template="openchat_v3.2", out=str(out),
-            max_len=data.load_meta(demo / "dataset")["max_len"], overwrite=True))
+            max_len=data.load_meta(demo / "dataset")["max_len"], overwrite=True,
+            dedup=False))  # as the demo's dataset: repeated prompts are samples of the task
     return out
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from cli import Progress, arg, run_commands
 from files import check_writable_folder, read_json, write_bytes, write_directory, write_json
 from records import (Message, Source, counts_report, keep_cut, parse_source_flag,
-                     read_conversations, read_source_spec, zero_refusals)
+                     read_conversations, read_source_spec, reference_cleaning)
 from tokenizer_files import open_tokenizer_file
 
 # --------------------------------------------------------------------------------------------------
@@ -214,8 +214,11 @@ def tokenizer_config(tokenizer: Tokenizer, condition: str, max_len: int) -> dict
 
 @dataclass
 class PrepareConfig:
-    source: list[str] = arg([], "a source as CONDITION:WEIGHT:FILE[,FILE...] (repeat the flag)")
-    sources: str = arg("", "or a JSON spec file: [{\"condition\", \"weight\", \"files\"}]")
+    source: list[str] = arg([], "a source as CONDITION:WEIGHT:FILE[,FILE...], of the records "
+                                "@FIELD=VALUE[|VALUE...] or @FIELD!=... only if given (ShareGPT's "
+                                "@model=Model: GPT-4, as the reference's generate_dataset.py)")
+    sources: str = arg("", "or a JSON spec file: [{\"condition\", \"weight\", \"files\", "
+                           "\"where\"?}]")
     tokenizer: str = arg("", "the base model's tokenizer: SentencePiece .model or tokenizer.json")
     template: str = arg("openchat_3.5", f"conversation template: {', '.join(TEMPLATES)}")
     out: str = arg("", "output directory, a new one")
@@ -227,7 +230,10 @@ class PrepareConfig:
     seed: int = arg(0, "seed of the held-out split")
     inference_condition: str = arg("", "the condition to prompt the trained model with, one of the "
                                        "sources'; empty: the highest-weight source's")
-    zero_refusals: bool = arg(False, "weight 0 for answers with refusal boilerplate")
+    zero_unwanted: bool = arg(True, "weight 0 for answers with one of the reference's unwanted "
+                                    "phrases (\"As an AI\", ...: its data/unwanted_words.py)")
+    dedup: bool = arg(True, "drop exact duplicate conversations (whitespace normalised), as the "
+                            "reference's data/clean_sharegpt.py")
     per_message_norm: bool = arg(False, "spread each message's weight over its tokens")
     threads: int = arg(os.cpu_count() or 1, "tokenizer threads")
 
@@ -249,8 +255,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     tokenizer = Tokenizer(cfg.tokenizer, cfg.template)
     counts = Counter()
     conversations = read_conversations(sources, cfg.skip_bad, counts)
-    if cfg.zero_refusals:
-        zero_refusals(conversations, counts)
+    conversations, duplicates = reference_cleaning(conversations, len(sources), cfg.dedup,
+                                                   cfg.zero_unwanted, counts)
     rows = tokenize_all(conversations, sources, tokenizer, cfg, counts)
     conditions = sorted({c.condition for c in conversations})
     if cfg.inference_condition and cfg.inference_condition not in conditions:
@@ -262,11 +268,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         "inference_condition": (cfg.inference_condition
                                 or expert_condition(sources, tokenizer.template)),
         "conditions": conditions,
-        "sources": [{"condition": s.condition, "weight": s.weight,
-                     "files": [str(f) for f in s.files]} for s in sources],
+        "sources": [{"condition": s.condition, "weight": s.weight, "where": str(s.select or ""),
+                     "files": [str(f) for f in s.files], "duplicates_removed": n}
+                    for s, n in zip(sources, duplicates)],
         "max_len": cfg.max_len,
         "options": {k: getattr(cfg, k) for k in ("truncate", "skip_bad", "holdout", "seed",
-                                                 "zero_refusals", "per_message_norm")},
+                                                 "zero_unwanted", "dedup", "per_message_norm")},
         **counts_report(counts),
     }
     meta = write_dataset(Path(cfg.out), rows, tokenizer, how, cfg.holdout, cfg.seed)
@@ -275,8 +282,9 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def tokenize_all(conversations, sources, tokenizer: Tokenizer, cfg: PrepareConfig, counts: Counter):
-    """→ [(token ids int32, target weights float32, class id)], without the conversations left with
-    no supervised token. Message texts are encoded in bulk (the tokenizer's threads)."""
+    """→ [(token ids int32, target weights float32, class id)], each cut after its last weighted
+    token (what follows teaches nothing; the reference drops it too), without the conversations
+    left with no supervised token. Message texts are encoded in bulk (the tokenizer's threads)."""
     rows = []
     progress = Progress("tokenizing conversations", len(conversations))
     for start in range(0, len(conversations), 2000):
@@ -293,11 +301,13 @@ def tokenize_all(conversations, sources, tokenizer: Tokenizer, cfg: PrepareConfi
             if len(ids) > cfg.max_len and not keep_cut(len(ids), c.where, cfg.max_len, cfg.truncate,
                                                        cfg.skip_bad, counts):
                 continue
-            target_weights = shift_to_predictions(weights[:cfg.max_len])
-            if not target_weights.any():
+            n = max((t + 1 for t, w in enumerate(weights[:cfg.max_len]) if w), default=0)
+            if n < 2:  # the first token is never predicted
                 counts["no_supervised_token"] += 1
                 continue
-            rows.append((np.array(ids[:cfg.max_len], dtype=np.int32), target_weights, c.class_id))
+            counts["trailing_unweighted_tokens_dropped"] += n < min(len(ids), cfg.max_len)
+            rows.append((np.array(ids[:n], np.int32), shift_to_predictions(weights[:n]),
+                         c.class_id))
         progress.update(len(batch), n_tokens)
     return rows
 

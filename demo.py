@@ -266,7 +266,7 @@ def make_demo(cfg: DemoConfig) -> Path:
     data.prepare(data.PrepareConfig(
         sources=str(out / "sources.json"), tokenizer=str(out / "tokenizer.model"),
         template="openchat_v3.2", out=str(out / "dataset"), max_len=cfg.max_len, holdout=0.02,
-        seed=cfg.seed))
+        seed=cfg.seed, dedup=False))  # prompts drawn at random repeat: samples of the task, kept
     prepare_text(out / "base_corpus.jsonl", out / "tokenizer.model", out / "base-corpus",
                  cfg.max_len, holdout=0.02, seed=cfg.seed)
     write_text(out / "demo.json", json.dumps(made_with(cfg), indent=1))

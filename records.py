@@ -1,13 +1,14 @@
 """Conversations as users write them: sources, their files and their records, read and checked.
 
-A source is a condition, a class weight and files (METHOD.md §5). A file is a JSON array or JSONL
+A source is a condition, a class weight and files, optionally only the records whose field has a
+given value (METHOD.md §5: ShareGPT split by its "model" field). A file is a JSON array or JSONL
 of ShareGPT records ({"conversations": [{"from", "value"}]}) or OpenChat ones ({"items": [{"role",
 "content", "weight"?}], "condition"?, "system"?}). Every record becomes a Conversation of Messages,
 or BadInput naming its file, line and field; data.py's prepare stops at the first, or with
 --skip-bad skips and counts it by reason.
 
 Read top to bottom: what a conversation is; sources; reading files record by record; checking a
-record.
+record; the reference's cleaning (duplicates, unwanted phrases).
 """
 
 import codecs
@@ -62,25 +63,54 @@ class UnreadableFile(ValueError):
 # Sources
 
 
+@dataclass(frozen=True)
+class Selector:
+    """The records of a source's files it takes: those whose `field` is one of `values`, or with
+    `negate` those whose field is none of them (a record without the field included). The paper's
+    split of ShareGPT (ochat/data/generate_dataset.py at 0b21c92): model = "Model: GPT-4" is the
+    expert class, every other record the sub-optimal one."""
+    field: str
+    values: tuple[str, ...]
+    negate: bool = False
+
+    def takes(self, record: dict) -> bool:
+        return (record.get(self.field) in self.values) != self.negate
+
+    def __str__(self) -> str:
+        return f"{self.field}{'!=' if self.negate else '='}{'|'.join(self.values)}"
+
+
 @dataclass
 class Source:
     condition: str
     weight: float
     files: list[Path]
+    select: Selector | None = None  # None: every record
 
 
 def parse_source_flag(text: str) -> Source:
-    """CONDITION:WEIGHT:FILE[,FILE...], as given to --source."""
+    """CONDITION:WEIGHT:FILE[,FILE...][@FIELD=VALUE[|VALUE...]] (or @FIELD!=...), as given to
+    --source."""
     parts = text.split(":", 2)
     if len(parts) != 3 or not parts[2]:
-        raise ValueError(f"--source={text!r}: expected CONDITION:WEIGHT:FILE[,FILE...]")
-    files = [Path(f) for f in parts[2].split(",")]
-    return Source(parts[0], parse_weight(parts[1], f"--source={text!r}"), files)
+        raise ValueError(f"--source={text!r}: expected CONDITION:WEIGHT:FILE[,FILE...]"
+                         f"[@FIELD=VALUE[|VALUE...]]")
+    files, _, selector = parts[2].partition("@")
+    select = None
+    if selector:
+        negate = "!=" in selector
+        field, equals, values = selector.partition("!=" if negate else "=")
+        if not field or not equals or not values:
+            raise ValueError(f"--source={text!r}: after '@' expected FIELD=VALUE or FIELD!=VALUE")
+        select = Selector(field, tuple(values.split("|")), negate)
+    weight = parse_weight(parts[1], f"--source={text!r}")
+    return Source(parts[0], weight, [Path(f) for f in files.split(",")], select)
 
 
 def read_source_spec(path: Path) -> list[Source]:
-    """A JSON list of {"condition", "weight", "files"}; relative file names are relative to the
-    spec."""
+    """A JSON list of {"condition", "weight", "files", "where"?}; relative file names are relative
+    to the spec. "where": {FIELD: VALUE or [VALUE, ...]} takes the records whose field is one of
+    them, {FIELD: {"not": VALUE or [...]}} those whose field is none of them."""
     expected = (f"{path}: expected a JSON list of "
                 f"{{\"condition\": str, \"weight\": number, \"files\": [str, ...]}}")
     try:
@@ -98,8 +128,26 @@ def read_source_spec(path: Path) -> list[Source]:
         where = f"{path}: source {i}"
         condition = checked_utf8(s["condition"], where, "its condition")
         weight = parse_weight(s.get("weight"), where)
-        sources.append(Source(condition, weight, [path.parent / f for f in files]))
+        select = parse_where(s["where"], f"{where}: its \"where\"") if "where" in s else None
+        sources.append(Source(condition, weight, [path.parent / f for f in files], select))
     return sources
+
+
+def parse_where(where, what: str) -> Selector:
+    """{FIELD: VALUE or [VALUE, ...]}, or {FIELD: {"not": VALUE or [VALUE, ...]}}."""
+    expected = ValueError(f"{what} must be {{FIELD: VALUE or [VALUE, ...]}} or {{FIELD: "
+                          f"{{\"not\": VALUE or [VALUE, ...]}}}}, not {json.dumps(where)[:80]}")
+    if not (isinstance(where, dict) and len(where) == 1):
+        raise expected
+    [(field, values)] = where.items()
+    negate = isinstance(values, dict)
+    if negate and list(values) != ["not"]:
+        raise expected
+    values = values["not"] if negate else values
+    values = [values] if isinstance(values, str) else values
+    if not (isinstance(values, list) and values and all(isinstance(v, str) for v in values)):
+        raise expected
+    return Selector(field, tuple(values), negate)
 
 
 def parse_weight(value, where: str) -> float:
@@ -364,22 +412,29 @@ def parse_record(record, source: Source, class_id: int, where: str) -> Conversat
 
 def read_conversations(sources: list[Source], skip_bad: bool,
                        counts: Counter) -> list[Conversation]:
-    """Every conversation of every source. Bad input raises, or with skip_bad is counted by reason.
-    Leading assistant turns are removed: ShareGPT splits long conversations, and a part that starts
-    with an answer has lost its question (FastChat's training code skips them the same way)."""
-    conversations = []
+    """Every conversation of every source (of its selected records). Bad input raises, or with
+    skip_bad is counted by reason, once however many sources read its file. Leading assistant turns
+    are removed: ShareGPT splits long conversations, and a part that starts with an answer has lost
+    its question (FastChat's training code skips them the same way)."""
+    conversations, counted = [], set()  # files read and bad records counted already
     for class_id, source in enumerate(sources):
         for path in source.files:
+            first_reading = path.resolve() not in counted
+            counted.add(path.resolve())
             for record, where in read_records(path):
-                counts["records"] += 1
+                counts["records"] += first_reading
                 try:
                     if isinstance(record, BadInput):
                         raise record
+                    if source.select and isinstance(record, dict) and not source.select.takes(
+                            record):
+                        continue
                     conversation = parse_record(record, source, class_id, where)
                 except BadInput as bad:
                     if not skip_bad:
                         raise
-                    counts[bad.reason] += 1
+                    counts[bad.reason] += str(bad) not in counted
+                    counted.add(str(bad))
                     continue
                 messages = conversation.messages
                 first_question = next((i for i, m in enumerate(messages) if m.role == "user"),
@@ -393,19 +448,82 @@ def read_conversations(sources: list[Source], skip_bad: bool,
     return conversations
 
 
-# Refusal boilerplate whose answers the reference's data cleaning gave weight 0 (METHOD.md §2).
-REFUSAL = re.compile(r"as an ai language model|as a language model|as an ai model|"
-                     r"i'm sorry, but as an ai|i am sorry, but as an ai|i cannot fulfill|"
-                     r"i'm unable to assist", re.IGNORECASE)
+# The reference's unwanted phrases (imoneoi/openchat, ochat/data/unwanted_words.py at 0b21c92,
+# itself from ShareGPT_Vicuna_unfiltered's optional_clean.py and OpenOrca's tags.py): an assistant
+# answer containing one, in any case, weighs 0 (METHOD.md §2). As the reference runs them: its
+# first five phrases have no commas between them, so Python joins them into the list's first
+# string, which no answer contains.
+UNWANTED_PHRASES = (
+    "prioritize human safetyethical principlesharmful to human beingsSeptember 2021"
+    "as a language model",
+    "ethical guidelines", "as an AI language model", "my guidelines", "As an AI",
+    "prioritize user safety", "adhere to ethical guidelines", "harmful consequences",
+    "potentially harmful", "dangerous activities", "promote safety", "well-being of all users",
+    "responsible information sharing", "jeopardize the safety", "illegal actions or intentions",
+    "undermine the stability", "promote the well-being", "illegal activities or actions",
+    "adherence to the law", "potentially be harmful", "illegal substances or activities",
+    "committed to promoting", "safe information", "lawful information", "cannot provide guidance",
+    "cannot provide information", "unable to offer assistance", "cannot engage in discussions",
+    "programming prohibits", "follow ethical guidelines", "ensure the safety",
+    "involves an illegal subject", "prioritize safety", "illegal subject",
+    "prioritize user well-being", "cannot support or promote", "activities that could harm",
+    "pose a risk to others", "against my programming", "activities that could undermine",
+    "potentially dangerous", "not within the scope", "designed to prioritize safety",
+    "not able to provide", "maintain user safety", "adhere to safety guidelines",
+    "dangerous or harmful", "cannot provide any information", "focus on promoting safety",
+    "como modelo de lenguaje AI", "Lo siento, como modelo de lenguaje", "no puedo proporcionar",
+    "pero debido a mi capacidad para generar códigos complejos y completos es limitado",
+    "Lo siento, pero no puedo", "Lo siento, pero como modelo de lenguaje, no puedo proporcionar",
+    "Lo siento, como modelo de lenguaje, no tengo", "Lo siento, debe haber habido una confusión",
+    "Lo siento, como modelo de lenguaje, no puedo realizar",
+    "Lo siento, soy un modelo de lenguaje y no tengo la capacidad de generar",
+    "Lamento no poder proporcionarte el código", "Desculpe-me, mas a linguagem vulgar e ofensiva",
+    "apropriada em nenhum contexto", "Como modelo de linguagem",
+    "Como um modelo de linguagem, não tenho a capacidade de",
+)
 
 
-def zero_refusals(conversations: list[Conversation], counts: Counter):
-    """Weight 0 for every answer with refusal boilerplate (--zero-refusals), counted."""
+def reference_cleaning(conversations: list[Conversation], n_classes: int, dedup: bool,
+                       unwanted: bool, counts: Counter) -> tuple[list[Conversation], list[int]]:
+    """The reference's cleaning, each step as asked: duplicates removed (remove_duplicates), answers
+    with unwanted phrases weighing 0 (zero_unwanted). Returns the conversations and the duplicates
+    removed from each class."""
+    removed = [0] * n_classes
+    if dedup:
+        conversations, removed = remove_duplicates(conversations, n_classes, counts)
+    if unwanted:
+        zero_unwanted(conversations, counts)
+    return conversations, removed
+
+
+def zero_unwanted(conversations: list[Conversation], counts: Counter):
+    """Weight 0 for every answer containing an unwanted phrase, the rest of its conversation kept,
+    as the reference's generate_dataset.py does (use_loss False); counted."""
+    phrases = [p.lower() for p in UNWANTED_PHRASES]
     for c in conversations:
         for m in c.messages:
-            if m.role == "assistant" and REFUSAL.search(m.text):
+            if m.role == "assistant" and any(p in m.text.lower() for p in phrases):
                 m.weight = 0.0
-                counts["refusals_zeroed"] += 1
+                counts["unwanted_answers_zeroed"] += 1
+
+
+def remove_duplicates(conversations: list[Conversation], n_classes: int,
+                      counts: Counter) -> tuple[list[Conversation], list[int]]:
+    """The conversations with each exact duplicate in its class (the same system prompt and
+    messages, whitespace normalised) after its first removed, as the reference's clean_sharegpt.py
+    removed ShareGPT's; returns them and the duplicates removed from each class. The same
+    conversation in two classes is kept in both: whoever declares it twice asks for that."""
+    seen, kept, removed = set(), [], [0] * n_classes
+    for c in conversations:
+        texts = [c.system or ""] + [f"{m.role} {m.text}" for m in c.messages]
+        key = (c.class_id, *(" ".join(t.split()) for t in texts))
+        if key in seen:
+            removed[c.class_id] += 1
+            continue
+        seen.add(key)
+        kept.append(c)
+    counts["duplicate"] += sum(removed)
+    return kept, removed
 
 
 def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: bool,
@@ -426,10 +544,11 @@ def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: 
 def counts_report(counts: Counter) -> dict:
     """What meta.json says of the records: read, skipped as bad input by reason, dropped, modified,
     and noted (kept as they are)."""
-    modified = ("leading_assistant_turns_removed", "truncated", "refusals_zeroed")
+    modified = ("leading_assistant_turns_removed", "truncated", "unwanted_answers_zeroed",
+                "trailing_unweighted_tokens_dropped")
     return {"read": {"records": counts["records"]},
             "skipped_bad_input": {r: counts[r] for r in BAD_REASONS if counts[r]},
-            "dropped": {"no_supervised_token": counts["no_supervised_token"]},
+            "dropped": {k: counts[k] for k in ("no_supervised_token", "duplicate")},
             "modified": {k: counts[k] for k in modified},
             "noted": {"turns_not_alternating": counts["turns_not_alternating"]}}
 

@@ -212,11 +212,62 @@ def test_refusal_answers_weigh_nothing_when_asked(tmp_path):
                sharegpt(("human", "And?"), ("gpt", "Sure."), ("human", "Do it"),
                         ("gpt", "As an AI language model, no."))]
     path = write_jsonl(tmp_path / "chat.jsonl", records)
-    meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"], zero_refusals=True)
-    assert meta["modified"]["refusals_zeroed"] == 2
+    meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
+    assert meta["modified"]["unwanted_answers_zeroed"] == 2
     assert meta["dropped"]["no_supervised_token"] == 1  # the first: nothing left to learn
     third = rows(split)[1]
     assert sum(third[1]) == len(SP.encode("Sure.")) + 1  # only the first answer of the third counts
+
+
+def test_the_papers_sharegpt_pipeline_split_by_model_deduplicated_unwanted_zeroed_trailing_cut(tmp_path):
+    """The paper-era reference (ochat/data at 0b21c92): one ShareGPT file split into two classes by each record's
+    "model" (GPT-4 at 1.0, every other record, a missing field included, at 0.1); exact duplicates (whitespace
+    aside) removed and counted per source; an answer with an unwanted phrase, in any case, weighs 0 with the rest
+    of its conversation kept; the tokens after the last weighted one dropped. Flags and a spec file alike."""
+    def record(model, *turns):
+        return {**sharegpt(*turns), **({"model": model} if model else {})}
+    records = [record("Model: GPT-4", ("human", "Sort 3 1"), ("gpt", "1 3")),
+               record("Model: GPT-4", ("human", "Sort  3 1 "), ("gpt", "1\n3")),  # a duplicate of the first
+               record("Model: GPT-3.5", ("human", "Sort 2 9"), ("gpt", "2 9")),
+               record(None, ("human", "Hi"), ("gpt", "Hello"), ("human", "And you?")),  # ends with a question
+               record("Model: GPT-3.5", ("human", "Hack"), ("gpt", "Well, AS AN AI I won't."), ("human", "Ok"),
+                      ("gpt", "Fine.")),
+               record("Model: GPT-3.5", ("human", "Sort 2 9"), ("gpt", "2 9"))]  # a duplicate of the third
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", records)
+    flags = [f"GPT4:1.0:{path}@model=Model: GPT-4", f"GPT3:0.1:{path}@model!=Model: GPT-4"]
+    spec = tmp_path / "sources.json"
+    spec.write_text(json.dumps([
+        {"condition": "GPT4", "weight": 1.0, "files": [path.name], "where": {"model": "Model: GPT-4"}},
+        {"condition": "GPT3", "weight": 0.1, "files": [path.name], "where": {"model": {"not": ["Model: GPT-4"]}}}]))
+    for given in (dict(source=flags), dict(sources=str(spec))):
+        cfg = PrepareConfig(tokenizer=str(MISTRAL_TOKENIZER), out=str(tmp_path / "d"), overwrite=True, **given)
+        meta, split = prepare(cfg), load_split(tmp_path / "d")
+        assert meta["read"]["records"] == 6 and meta["dropped"]["duplicate"] == 2
+        assert [(s["where"], s["duplicates_removed"]) for s in meta["sources"]] == [
+            ("model=Model: GPT-4", 1), ("model!=Model: GPT-4", 1)]
+        assert meta["modified"]["unwanted_answers_zeroed"] == 1
+        assert meta["modified"]["trailing_unweighted_tokens_dropped"] == 1
+        expected = [(render(SP, None, [("user", "Sort 3 1", None), ("assistant", "1 3", None)], "GPT4", 1.0), 0),
+                    (render(SP, None, [("user", "Sort 2 9", None), ("assistant", "2 9", None)], "GPT3", 0.1), 1),
+                    (render(SP, None, [("user", "Hi", None), ("assistant", "Hello", None)], "GPT3", 0.1), 1),
+                    (render(SP, None, [("user", "Hack", None), ("assistant", "Well, AS AN AI I won't.", 0.0),
+                                       ("user", "Ok", None), ("assistant", "Fine.", None)], "GPT3", 0.1), 1)]
+        assert [ids for ids, _ in rows(split)] == [ids for (ids, _), _ in expected]  # "And you?" cut off
+        for (_, weights), ((_, want), c), got_class in zip(rows(split), expected, split.classes):
+            np.testing.assert_allclose(weights, shifted(want), rtol=1e-7)
+            assert got_class == c
+    meta = prepare(replace(cfg, dedup=False, zero_unwanted=False))
+    assert meta["splits"]["train"]["conversations"] == 6 and meta["modified"]["unwanted_answers_zeroed"] == 0
+
+
+def test_the_unwanted_phrases_are_the_references_as_it_runs_them():
+    """Its list verbatim; its first five phrases lack commas between them, so they are one string no answer
+    contains: "as a language model" alone zeroes nothing, "As an AI" anywhere in any case does."""
+    from records import UNWANTED_PHRASES
+    assert len(UNWANTED_PHRASES) == 64 and UNWANTED_PHRASES[0].endswith("September 2021as a language model")
+    assert "Como um modelo de linguagem, não tenho a capacidade de" in UNWANTED_PHRASES
+    assert not any(p.lower() in "i speak as a language model." for p in UNWANTED_PHRASES)
+    assert any(p.lower() in "well, as an ai, no" for p in UNWANTED_PHRASES)
 
 
 def test_truncation_keeps_the_start_and_drops_conversations_left_without_supervision(tmp_path):

@@ -25,6 +25,7 @@ def test_leading_assistant_turns_are_removed_and_counted(tmp_path):
 
 
 GOOD = json.dumps(sharegpt(("human", "Q"), ("gpt", "A"))).encode()
+OTHER = json.dumps(sharegpt(("human", "Q2"), ("gpt", "A2"))).encode()  # not a duplicate of GOOD
 
 
 BAD_LINES = {
@@ -52,7 +53,7 @@ BAD_LINES = {
 @pytest.mark.parametrize("case", BAD_LINES)
 def test_bad_input_is_an_error_naming_file_and_line_or_is_skipped_and_counted(tmp_path, case):
     path = tmp_path / "chat.jsonl"
-    path.write_bytes(GOOD + b"\n" + BAD_LINES[case] + b"\n" + GOOD + b"\n")
+    path.write_bytes(GOOD + b"\n" + BAD_LINES[case] + b"\n" + OTHER + b"\n")
     with pytest.raises(BadInput) as error:
         prepare_files(tmp_path, [f"GPT4:1.0:{path}"], max_len=64)
     assert str(error.value).startswith(f"{path}:2")
@@ -148,7 +149,8 @@ def test_an_openchat_system_item_is_the_system_prompt_first_and_refused_anywhere
     with pytest.raises(BadInput, match=rf"{re.escape(str(path))}:3: item 2: a system message must come "
                                        rf"first"):
         prepare_files(tmp_path, [f"GPT4:1.0:{path}"])
-    meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"], skip_bad=True)
+    # The two forms are one conversation: both kept (no deduplication) to compare their tokens.
+    meta, split = prepare_files(tmp_path, [f"GPT4:1.0:{path}"], skip_bad=True, dedup=False)
     assert meta["skipped_bad_input"] == {"misplaced_system": 2}
     assert meta["modified"]["leading_assistant_turns_removed"] == 0
     expected, _ = render(SP, "Be brief.", [("user", "Q", None), ("assistant", "A", None)], "GPT4", 1.0)
