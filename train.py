@@ -66,7 +66,8 @@ class TrainConfig:
     batch_max_len: int = arg(4096, "tokens in one packed stream: one rank's micro-batch")
     grad_accum: int = arg(1, "micro-batches per rank in one optimizer step")
     lr: float = arg(1.5e-3, "peak learning rate; 0: METHOD.md §7's rule 3e-4 * sqrt(S / 4e6) * "
-                            "lr_scale, S the supervised tokens per optimizer step")
+                            "lr_scale, S a step's tokens (ranks x micro-batches x batch_max_len) x "
+                            "the data's supervised share")
     lr_scale: float = arg(1.0, "factor on the automatic learning rate (the reference: 1/6 "
                                "Mistral, 1/5.3 Llama-3)")
     warmup: float = arg(0.05, "fraction of the steps with a linear warm-up")
@@ -110,11 +111,13 @@ RECIPES = {
     # lr.
     "openchat-13b": dict(model="Llama-2-13B", out="runs/openchat-13b", batch_max_len=32768, lr=0.0,
                          activation_checkpointing=True, log_every=1),
-    # OpenChat 3.5 on Mistral-7B: the same recipe, the automatic learning rate divided by 6.
-    "mistral-7b": dict(model="Mistral-7B", out="runs/mistral-7b", batch_max_len=32768, lr=0.0,
+    # OpenChat 3.5 on Mistral-7B: the same recipe at the reference README's 77,824 tokens per GPU,
+    # the automatic learning rate divided by 6.
+    "mistral-7b": dict(model="Mistral-7B", out="runs/mistral-7b", batch_max_len=77824, lr=0.0,
                        lr_scale=1 / 6, activation_checkpointing=True, log_every=1),
-    # OpenChat 3.6 on Llama-3-8B (data prepared with --template=openchat_3.6): divided by 5.3.
-    "llama-3-8b": dict(model="Llama-3-8B", out="runs/llama-3-8b", batch_max_len=32768, lr=0.0,
+    # OpenChat 3.6 on Llama-3-8B (data prepared with --template=openchat_3.6): 40,960 tokens per
+    # GPU, divided by 5.3.
+    "llama-3-8b": dict(model="Llama-3-8B", out="runs/llama-3-8b", batch_max_len=40960, lr=0.0,
                        lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
 }
 
@@ -473,6 +476,13 @@ def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
                  target_weights=to(s["target_weights"], torch.float32),
                  classes=to(s["classes"], torch.long),
                  supervised=to(np.flatnonzero(s["target_weights"]), torch.long))
+
+
+def step_supervised_tokens(split: data.Split, cfg: TrainConfig, world: int) -> float:
+    """S of METHOD.md §7 as the reference's calculate_auto_lr computes it: a step's capacity in
+    tokens times the share of the data's tokens that are supervised."""
+    share = np.count_nonzero(split.target_weights) / len(split.target_weights)
+    return cfg.batch_max_len * world * cfg.grad_accum * share
 
 
 def auto_lr(supervised_tokens_per_step: float, scale: float = 1.0) -> float:
@@ -866,8 +876,8 @@ def train(cfg: TrainConfig, stops: "StopRequests | None" = None):
         saved = resume_from_newest(model, optimizer, out, len(split.lengths), rank, log)
     plan = plan_run(split, cfg, world, saved)
     check_same_on_every_rank({"plan": plan_digest(plan)})
-    peak_lr = cfg.lr or (saved and saved.peak_lr) or auto_lr(plan.supervised_per_step,
-                                                              cfg.lr_scale)
+    peak_lr = cfg.lr or (saved and saved.peak_lr) or auto_lr(
+        step_supervised_tokens(split, cfg, world), cfg.lr_scale)
     at = resume(model, meta, cfg, plan, saved, rank, log) if saved else Position()
     if at.step >= plan.total_steps:
         exports = sorted((out / "exports").glob("[!.]*"), key=lambda p: p.stat().st_mtime)

@@ -97,9 +97,22 @@ def test_the_recipe_presets_and_the_learning_rate_schedule():
     assert train.load_config(["--data=d"]).base == demo.base
     assert train.load_config(["--data=d", "--base="]).base == "" and cfg.base == ""
     assert train.auto_lr(200_000) == pytest.approx(6.7e-5, rel=0.01)  # the paper's step
+    # The reference README's tokens per GPU for its Mistral and Llama-3 recipes.
+    assert [train.load_config([f"--preset={p}"]).batch_max_len for p in ("mistral-7b", "llama-3-8b")] == [
+        77824, 40960]
     lrs = [train.learning_rate(s, 200, 1.0, cfg) for s in range(200)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0  # 5% warm-up: 10 steps
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_the_automatic_learning_rate_reads_s_as_the_reference_does(dataset, tmp_path):
+    """S = a step's capacity (ranks × micro-batches × batch_max_len) × the share of the data's tokens that are
+    supervised (the reference's calculate_auto_lr), not the tokens the plan happens to pack."""
+    weights = np.load(dataset / "train" / "target_weights.npy")
+    share = np.count_nonzero(weights) / len(weights)
+    result = run(small_run(dataset, tmp_path, "--max-steps=1", "--lr=0", "--grad-accum=2", "--lr-scale=0.5"))
+    expected = 3e-4 * (2 * 512 * share / 4e6) ** 0.5 * 0.5
+    assert f"peak lr {expected:.3g};" in result.stdout
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(dataset, tmp_path):
