@@ -54,12 +54,13 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_seq_len: int = 4096
     sliding_window: int | None = None  # Mistral: a token sees itself and window - 1 tokens before
+    attention_bias: bool = False  # Qwen2: biases on the q, k and v projections
     tie_embeddings: bool = False
     # Rows of the embedding and the output head in memory: vocab_size rounded up to a multiple of
     # this, for aligned matmuls on a GPU (32,001 rows would not be): padded_vocab_size. The logits
     # and the exports have vocab_size rows.
     vocab_multiple: int = 1
-    architecture: str = "LlamaForCausalLM"  # or "MistralForCausalLM"; what config.json names
+    architecture: str = "LlamaForCausalLM"  # or Mistral's, Qwen2's: what config.json names
     bos_token_id: int | list[int] | None = 1
     eos_token_id: int | list[int] | None = 2
 
@@ -74,6 +75,8 @@ class ModelConfig:
                              f"{sorted(HF_MODEL_TYPES)}")
         if self.sliding_window is not None and self.architecture != "MistralForCausalLM":
             raise ValueError("a sliding window needs architecture MistralForCausalLM")
+        if self.attention_bias != (self.architecture == "Qwen2ForCausalLM"):
+            raise ValueError("q, k, v biases come with architecture Qwen2ForCausalLM, and only")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -86,7 +89,8 @@ class ModelConfig:
         return cls(**{**MODELS[name], **overrides})
 
 
-HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                  "Qwen2ForCausalLM": "qwen2"}
 _LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
 MODELS = {
@@ -95,6 +99,9 @@ MODELS = {
                  max_seq_len=512),
     "tiny-mistral": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                          max_seq_len=512, sliding_window=16, architecture="MistralForCausalLM"),
+    "tiny-qwen2": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
+                       max_seq_len=512, rope_theta=1e6, norm_eps=1e-6, attention_bias=True,
+                       architecture="Qwen2ForCausalLM"),
     "demo": dict(vocab_size=401, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384,
                  max_seq_len=256),
     # The real shapes, as their Hugging Face config.json files give them.
@@ -110,6 +117,10 @@ MODELS = {
     "Llama-3.1-8B": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                          ffn_dim=14336, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
                          max_seq_len=131072, bos_token_id=128000, eos_token_id=128001),
+    "Qwen2.5-7B": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                       ffn_dim=18944, rope_theta=1e6, norm_eps=1e-6, max_seq_len=131072,
+                       attention_bias=True, architecture="Qwen2ForCausalLM",
+                       bos_token_id=151643, eos_token_id=151643),
 }
 
 
@@ -238,9 +249,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.sliding_window
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
@@ -325,6 +337,8 @@ class Transformer(nn.Module):
         """Random weights for training from scratch. A model built on the meta device has no
         values: call this after `to_empty(device=...)` (from_pretrained fills them instead)."""
         for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:  # Qwen2's q, k, v
+                module.bias.zero_()
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 vocabulary = module in (self.embed_tokens, self.lm_head)
                 rows = module.weight[:self.config.vocab_size] if vocabulary else module.weight
@@ -597,8 +611,9 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
     if arch not in HF_MODEL_TYPES:
         raise ValueError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
                          f"this model implements {' and '.join(HF_MODEL_TYPES)}")
-    for key, expected in (("hidden_act", "silu"), ("attention_bias", False),
-                          ("mlp_bias", False)):
+    qwen2 = arch == "Qwen2ForCausalLM"  # its q, k, v biases are not in config.json: always there
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                          ("use_sliding_window", False)):
         if hf.get(key, expected) != expected:
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 or 4
@@ -614,7 +629,7 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         rope_scaling=({k: rope[k] for k in _LLAMA3_ROPE} if rope_type == "llama3" else None),
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        sliding_window=hf.get("sliding_window"),
+        sliding_window=None if qwen2 else hf.get("sliding_window"), attention_bias=qwen2,
         tie_embeddings=hf.get("tie_word_embeddings", False), architecture=arch,
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
@@ -635,6 +650,9 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     }
     if cfg.architecture == "MistralForCausalLM":
         hf["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "Qwen2ForCausalLM":  # its q, k, v biases: implied by the architecture
+        del hf["attention_bias"], hf["mlp_bias"]
+        hf.update(use_sliding_window=False, sliding_window=None)
     return hf
 
 

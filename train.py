@@ -119,6 +119,10 @@ RECIPES = {
     # GPU, divided by 5.3.
     "llama-3-8b": dict(model="Llama-3-8B", out="runs/llama-3-8b", batch_max_len=40960, lr=0.0,
                        lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
+    # Qwen2.5-7B (data prepared with its tokenizer.json and --template=openchat_3.5): no reference
+    # recipe; Llama-3's, a base of as many pretraining tokens (our estimate, METHOD.md §7).
+    "qwen2.5-7b": dict(model="Qwen2.5-7B", out="runs/qwen2.5-7b", batch_max_len=40960, lr=0.0,
+                       lr_scale=1 / 5.3, activation_checkpointing=True, log_every=1),
 }
 
 
@@ -291,9 +295,15 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype,
         model = Transformer(ModelConfig.from_name(cfg.model, **vocab))
         parallelize(model, mesh, cfg, compute_dtype)  # fully_shard moves each shard to the device
         return model
-    base = Path(cfg.base)
+    base, tok = Path(cfg.base), meta["tokenizer"]
     config = config_from_hf(read_json(base / "config.json"), base / "config.json")
     check_base_matches_tokenizer(base, config, meta)
+    # A base may have rows past its tokenizer's (Qwen2.5: 152,064 for 151,665 tokens), never
+    # trained: the template's new tokens then take theirs, which start at the mean like new rows.
+    padding = config.vocab_size > tok["vocab_size"]
+    new_rows = [i for i in tok["special_tokens"].values()
+                if padding and i >= tok["base_vocab_size"]]
+    vocab["vocab_size"] = max(config.vocab_size, tok["vocab_size"])
     with torch.device("meta"):
         model = Transformer(replace(config, **vocab))
     # A tied output head is the embedding itself: one parameter of the root's FSDP group, its
@@ -301,17 +311,18 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype,
     # in place).
     parallelize(model, mesh, cfg, compute_dtype)
     model.to_empty(device=device)
-    load_base_rows(model, base, config.vocab_size)
+    load_base_rows(model, base, config.vocab_size, new_rows)
     if cfg.mean_untrained_rows:
-        tokenizer = open_tokenizer_file(Path(cfg.data) / meta["tokenizer"]["file"])
-        mean_untrained_template_rows(model, meta["tokenizer"]["special_tokens"],
-                                     tokenizer.special_ids(), config.vocab_size, log)
+        tokenizer = open_tokenizer_file(Path(cfg.data) / tok["file"])
+        mean_untrained_template_rows(model, tok["special_tokens"], tokenizer.special_ids(),
+                                     min(config.vocab_size, tok["base_vocab_size"]), log)
     return model
 
 
 def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict):
     tok = meta["tokenizer"]
-    if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]):
+    if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]) and not (
+            config.vocab_size > tok["vocab_size"]):  # rows past the tokenizer's: build_model
         raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's "
                          f"tokenizer has {tok['base_vocab_size']} pieces "
                          f"(+{len(tok['special_tokens'])} special): give --base the dataset's "
@@ -338,9 +349,10 @@ def shard_rows(param) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_base_rows(model: Transformer, base: Path, base_rows: int):
-    """Each rank copies its own rows of every tensor; rows past base_rows (new tokens) start at the
-    mean of the base's rows."""
+def load_base_rows(model: Transformer, base: Path, base_rows: int, new_rows=()):
+    """Each rank copies its own rows of every tensor; rows past base_rows (new tokens) and the rows
+    new_rows (new tokens in rows the base has but never trained) start at the mean of the base's
+    rows."""
     params = dict(model.named_parameters())
     shapes = {n: p.shape for n, p in params.items()}
     loaded = set()
@@ -360,7 +372,8 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int):
         total = local[:max(0, min(stop, base_rows) - start)].sum(0, dtype=torch.float64)
         mesh = params[name].device_mesh  # the sum of the base's rows over one group's shards
         dist.all_reduce(total, group=mesh.get_group(mesh.ndim - 1))
-        for row in range(max(start, base_rows), stop):
+        new = [*range(max(start, base_rows), stop), *(r for r in new_rows if start <= r < stop)]
+        for row in new:
             local[row - start] = (total / base_rows).to(local.dtype)
 
 

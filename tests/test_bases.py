@@ -167,6 +167,46 @@ def test_a_llama3_base_whose_template_rows_were_never_trained_starts_them_at_the
     assert result.stdout.count("untrained rows at the reference's mean") == world
 
 
+@pytest.fixture(scope="module")
+def qwen2_tokenizer(tmp_path_factory):
+    """Qwen2's tokenizer as a tokenizer.json, from the vocabulary llama.cpp ships (151,936 tokens)."""
+    return assets.gguf_tokenizer_json(assets.fetch_llama_cpp_vocab("qwen2"),
+                                      tmp_path_factory.mktemp("qwen2") / "tokenizer.json")
+
+
+def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_exports_for_transformers(
+        qwen2_tokenizer, sharegpt_file, tmp_path):
+    """A small Qwen2 base (q, k, v biases, rope θ 1e6) with 152,064 rows for its tokenizer's 151,936 tokens, as
+    Qwen2.5's: the 3.5 template's <|end_of_turn|> takes the base's first row past the tokenizer, which starts at
+    the mean of the base's rows (read a slice per rank, 2 ranks); one and two processes train alike; the export is
+    a Qwen2ForCausalLM of the base's shape whose logits transformers reproduces."""
+    import transformers
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    Transformer(ModelConfig.from_name("tiny-qwen2", vocab_size=152064)).save_pretrained(base)
+    dataset = tmp_path / "dataset"
+    meta = prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(qwen2_tokenizer),
+                                 template="openchat_3.5", out=str(dataset), max_len=256, truncate=True))
+    assert meta["tokenizer"]["special_tokens"]["<|end_of_turn|>"] == 151936  # a row the base has
+    assert run(["base", dataset, base], world=2, script="tests/train_worker.py").stdout.count("base loaded") == 2
+    losses = []
+    for world in (1, 2):
+        out = tmp_path / f"run-{world}"
+        run(["--base", base, "--data", dataset, "--out", out, "--batch-max-len=256", "--max-steps=2", "--lr=1e-3",
+             "--log-every=1", "--grad-accum", 3 - world, "--export-dtype=float32"], world=world)
+        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    [export] = (tmp_path / "run-2" / "exports").iterdir()
+    config = json.loads((export / "config.json").read_text())
+    assert (config["architectures"], config["vocab_size"], config["eos_token_id"]) == (["Qwen2ForCausalLM"], 152064,
+                                                                                       151936)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32, attn_implementation="eager")
+    assert hf.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0  # trained biases, read back
+    tokens = torch.randint(0, 151936, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, Transformer.from_pretrained(export)(tokens), rtol=0, atol=1e-4)
+
+
 def small_sharegpt_sources(sharegpt_file, out, n=6):
     """The first n ShareGPT conversations that open with a question, split over two declared sources."""
     decoder, text = json.JSONDecoder(), sharegpt_file.read_text()[:2_000_000]

@@ -380,6 +380,9 @@ HF_CASES = {
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16)),
     "mistral-sliding-window": dict(num_key_value_heads=2, sliding_window=5, rope_theta=20000.0),
+    # Qwen2: biases on q, k, v (not in its config.json: the architecture has them), rope θ 1e6, no window.
+    "qwen2": dict(num_key_value_heads=2, rope_theta=1e6, use_sliding_window=False),
+    "qwen2-tied-embeddings": dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
 }
 
 
@@ -389,27 +392,32 @@ def test_logits_match_transformers_in_both_directions(tmp_path, case):
 
     kwargs = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, **HF_CASES[case])
-    if "sliding_window" in kwargs:
+    if case.startswith("qwen2"):
+        hf_config, hf_class = transformers.Qwen2Config(**kwargs), transformers.Qwen2ForCausalLM
+    elif "sliding_window" in kwargs:
         hf_config, hf_class = transformers.MistralConfig(**kwargs), transformers.MistralForCausalLM
     else:
         hf_config, hf_class = transformers.LlamaConfig(**kwargs), transformers.LlamaForCausalLM
     hf_config._attn_implementation = "eager"
+    # float64 leaves only the float32 steps both models take (norms, rotary tables): 1e-5 where float32 gives 1e-4.
+    dtype, atol = (torch.float64, 1e-5) if case.startswith("qwen2") else (torch.float32, 1e-4)
     torch.manual_seed(0)
-    hf = randomize(hf_class(hf_config)).eval()
+    hf = randomize(hf_class(hf_config)).to(dtype).eval()
+    assert not case.startswith("qwen2") or hf.model.layers[0].self_attn.q_proj.bias is not None
     tokens = torch.randint(0, 300, (2, 24))  # longer than the window and than original_max_position_embeddings
     with torch.no_grad():
         expected = hf(tokens).logits
 
     hf.save_pretrained(tmp_path / "from_hf", max_shard_size=60_000)  # sharded, with an index
     assert (tmp_path / "from_hf" / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(tmp_path / "from_hf")
+    ours = Transformer.from_pretrained(tmp_path / "from_hf", dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=atol)
 
     ours.save_pretrained(tmp_path / "from_us")
-    reloaded = hf_class.from_pretrained(tmp_path / "from_us", dtype=torch.float32, attn_implementation="eager")
+    reloaded = hf_class.from_pretrained(tmp_path / "from_us", dtype=dtype, attn_implementation="eager")
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=1e-4)
+        torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=atol)
 
 
 # ---------------------------------------------------------------------------------------------------------

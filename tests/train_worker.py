@@ -132,16 +132,19 @@ def base_loading(data_dir, base_dir, vocab_multiple="1", replicate=1):
     meta, _ = train.load_data(data_dir)
     model = train.build_model(cfg, meta, train.make_mesh(CPU, dist.get_world_size(), replicate), CPU, torch.float32)
     base = Transformer.from_pretrained(base_dir)
-    rows = base.config.vocab_size
-    assert model.config.vocab_size == meta["tokenizer"]["vocab_size"] > rows
+    rows, tok = base.config.vocab_size, meta["tokenizer"]
+    assert model.config.vocab_size == max(rows, tok["vocab_size"])
+    # New tokens: past the base's rows, or in rows the base has past its tokenizer's (Qwen2.5's padding).
+    new = [i for i in tok["special_tokens"].values() if i >= tok["base_vocab_size"]]
     loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
     assert len(loaded["lm_head.weight"]) == model.config.padded_vocab_size and model.config.padded_vocab_size % int(vocab_multiple) == 0
     for name, p in base.named_parameters():
         if name in ("embed_tokens.weight", "lm_head.weight"):
-            assert torch.equal(loaded[name][:rows], p)
             mean = p.double().mean(0).float()
-            torch.testing.assert_close(loaded[name][rows:], mean.expand(len(loaded[name]) - rows, -1),
-                                       rtol=0, atol=1e-6)
+            expected = torch.cat([p.detach(), mean.expand(len(loaded[name]) - rows, -1)])
+            expected[[i for i in new if i < rows]] = mean
+            torch.testing.assert_close(loaded[name], expected, rtol=0, atol=1e-6)
+            assert torch.equal(loaded[name][:min(rows, tok["base_vocab_size"])], p[:tok["base_vocab_size"]])
         else:
             assert torch.equal(loaded[name], p), name
     print(f"rank {dist.get_rank()}: base loaded", flush=True)
