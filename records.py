@@ -111,8 +111,8 @@ def read_source_spec(path: Path) -> list[Source]:
     """A JSON list of {"condition", "weight", "files", "where"?}; relative file names are relative
     to the spec. "where": {FIELD: VALUE or [VALUE, ...]} takes the records whose field is one of
     them, {FIELD: {"not": VALUE or [...]}} those whose field is none of them."""
-    expected = (f"{path}: expected a JSON list of "
-                f"{{\"condition\": str, \"weight\": number, \"files\": [str, ...]}}")
+    expected = (f"{path}: expected a JSON list of {{\"condition\": str, \"weight\": number, "
+                f"\"files\": [str, ...], \"where\"?: {{FIELD: VALUE}}}}")
     try:
         spec = json.loads(read_text(path))
     except (json.JSONDecodeError, RecursionError) as e:
@@ -412,29 +412,31 @@ def parse_record(record, source: Source, class_id: int, where: str) -> Conversat
 
 def read_conversations(sources: list[Source], skip_bad: bool,
                        counts: Counter) -> list[Conversation]:
-    """Every conversation of every source (of its selected records). Bad input raises, or with
-    skip_bad is counted by reason, once however many sources read its file. Leading assistant turns
-    are removed: ShareGPT splits long conversations, and a part that starts with an answer has lost
-    its question (FastChat's training code skips them the same way)."""
-    conversations, counted = [], set()  # files read and bad records counted already
+    """Every conversation of every source (of the records it selects; those no source selects are
+    counted). Bad input raises, or with skip_bad is counted by reason, once however many sources
+    read its file. Leading assistant turns are removed: ShareGPT splits long conversations, and a
+    part that starts with an answer has lost its question (FastChat's training code skips them the
+    same way)."""
+    conversations, files_read, bad_counted, selected, passed_over = [], set(), set(), set(), set()
     for class_id, source in enumerate(sources):
         for path in source.files:
-            first_reading = path.resolve() not in counted
-            counted.add(path.resolve())
+            counting = path.resolve() not in files_read  # a file two sources read counts once
+            files_read.add(path.resolve())
             for record, where in read_records(path):
-                counts["records"] += first_reading
+                counts["records"] += counting
+                if source.select and isinstance(record, dict) and not source.select.takes(record):
+                    passed_over.add(where)
+                    continue
+                selected.add(where)
                 try:
                     if isinstance(record, BadInput):
                         raise record
-                    if source.select and isinstance(record, dict) and not source.select.takes(
-                            record):
-                        continue
                     conversation = parse_record(record, source, class_id, where)
                 except BadInput as bad:
                     if not skip_bad:
                         raise
-                    counts[bad.reason] += str(bad) not in counted
-                    counted.add(str(bad))
+                    counts[bad.reason] += str(bad) not in bad_counted
+                    bad_counted.add(str(bad))
                     continue
                 messages = conversation.messages
                 first_question = next((i for i, m in enumerate(messages) if m.role == "user"),
@@ -445,6 +447,7 @@ def read_conversations(sources: list[Source], skip_bad: bool,
                 if any(a.role == b.role for a, b in zip(messages, messages[1:])):
                     counts["turns_not_alternating"] += 1  # kept as written, as the reference does
                 conversations.append(conversation)
+    counts["selected_by_no_source"] += len(passed_over - selected)
     return conversations
 
 
@@ -548,7 +551,8 @@ def counts_report(counts: Counter) -> dict:
                 "trailing_unweighted_tokens_dropped")
     return {"read": {"records": counts["records"]},
             "skipped_bad_input": {r: counts[r] for r in BAD_REASONS if counts[r]},
-            "dropped": {k: counts[k] for k in ("no_supervised_token", "duplicate")},
+            "dropped": {k: counts[k] for k in ("selected_by_no_source", "no_supervised_token",
+                                               "duplicate")},
             "modified": {k: counts[k] for k in modified},
             "noted": {"turns_not_alternating": counts["turns_not_alternating"]}}
 

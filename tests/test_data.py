@@ -258,6 +258,8 @@ def test_the_papers_sharegpt_pipeline_split_by_model_deduplicated_unwanted_zeroe
             assert got_class == c
     meta = prepare(replace(cfg, dedup=False, zero_unwanted=False))
     assert meta["splits"]["train"]["conversations"] == 6 and meta["modified"]["unwanted_answers_zeroed"] == 0
+    meta = prepare(replace(cfg, source=flags[:1], sources=""))  # the GPT-4 records only: the rest counted
+    assert meta["dropped"]["selected_by_no_source"] == 4 and meta["splits"]["train"]["conversations"] == 1
 
 
 def test_the_unwanted_phrases_are_the_references_as_it_runs_them():
