@@ -321,13 +321,15 @@ def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype,
 
 def check_base_matches_tokenizer(base: Path, config: ModelConfig, meta: dict):
     tok = meta["tokenizer"]
-    if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]) and not (
-            config.vocab_size > tok["vocab_size"]):  # rows past the tokenizer's: build_model
+    base_tokenizer = base / tok["file"]
+    # More rows than its own tokenizer has tokens (Qwen2.5): padding, which build_model handles;
+    # known to be padding only beside the tokenizer file, checked below to be the dataset's.
+    padded = config.vocab_size > tok["vocab_size"] and base_tokenizer.exists()
+    if config.vocab_size not in (tok["base_vocab_size"], tok["vocab_size"]) and not padded:
         raise ValueError(f"{base} has {config.vocab_size} vocabulary rows but the dataset's "
                          f"tokenizer has {tok['base_vocab_size']} pieces "
                          f"(+{len(tok['special_tokens'])} special): give --base the dataset's "
                          f"base, or prepare the data with this base's {tok['file']}")
-    base_tokenizer = base / tok["file"]
     if base_tokenizer.exists():
         check_tokenizer_file(base_tokenizer, tok["sha256"], "the dataset was made with",
                              ": prepare the data with the base's own")

@@ -184,6 +184,7 @@ def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_e
     base = tmp_path / "base"
     torch.manual_seed(0)
     Transformer(ModelConfig.from_name("tiny-qwen2", vocab_size=152064)).save_pretrained(base)
+    shutil.copyfile(qwen2_tokenizer, base / "tokenizer.json")  # beside it, the padding rows are known as such
     dataset = tmp_path / "dataset"
     meta = prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(qwen2_tokenizer),
                                  template="openchat_3.5", out=str(dataset), max_len=256, truncate=True))
