@@ -127,14 +127,21 @@ def test_two_nodes_form_one_job_that_trains_as_one_process_and_resumes_under_hsd
         torch.testing.assert_close(tensor, exported(one)[name], rtol=0, atol=2e-6, msg=name)
 
 
-def test_a_node_without_the_data_is_named_with_its_ranks_and_host(dataset, tmp_path):
-    missing = tmp_path / "not-on-this-node"
-    results = launch_two_nodes("static", small_run(dataset, tmp_path / "run"),
-                               node_args=((), (f"--data={missing}",)))
+@pytest.mark.parametrize("case", ["missing", "another"])
+def test_a_node_without_the_data_or_with_other_data_is_named_with_its_ranks_and_host(dataset, tmp_path, case):
+    """Node 1 is given a dataset path that does not exist there, or a copy whose meta.json differs (as a node
+    whose files are out of date): one line from rank 0 names node 1's ranks and host, and nothing is trained."""
+    other = tmp_path / "not-on-this-node"
+    if case == "another":
+        shutil.copytree(dataset, other)
+        (other / "meta.json").write_text((other / "meta.json").read_text().replace('"max_len"', '"max_len" '))
+    results = launch_two_nodes("static", small_run(dataset, tmp_path / "run"), node_args=((), (f"--data={other}",)))
     assert all(r.returncode != 0 for r in results)
-    errors = [line for r in results for line in r.stderr.splitlines() if line.startswith("error:")]
-    [error] = errors  # one line, from rank 0, for the whole job
-    assert error.startswith(f"error: ranks 2-3 on {socket.gethostname()}: {missing / 'meta.json'} is missing")
+    [error] = [line for r in results for line in r.stderr.splitlines() if line.startswith("error:")]
+    host = socket.gethostname()
+    assert error.startswith(f"error: ranks 2-3 on {host}: {other / 'meta.json'} is missing" if case == "missing" else
+                            f"error: ranks 2-3 on {host} hold another dataset (meta.json's sha256) than rank 0 on "
+                            f"{host}: give every node the same files")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
