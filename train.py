@@ -369,23 +369,29 @@ def load_base_rows(model: Transformer, base: Path, base_rows: int, new_rows=()):
         loaded.add(name)
     check_all_loaded(base, params, loaded)
     for name in [n for n in ("embed_tokens.weight", "lm_head.weight") if n in params]:  # tied: one
-        start, stop = shard_rows(params[name])
-        local = params[name].to_local()
-        total = local[:max(0, min(stop, base_rows) - start)].sum(0, dtype=torch.float64)
-        mesh = params[name].device_mesh  # the sum of the base's rows over one group's shards
-        dist.all_reduce(total, group=mesh.get_group(mesh.ndim - 1))
-        new = [*range(max(start, base_rows), stop), *(r for r in new_rows if start <= r < stop)]
-        for row in new:
-            local[row - start] = (total / base_rows).to(local.dtype)
+        new = [*range(base_rows, params[name].shape[0]), *new_rows]
+        set_rows_to_mean(params[name], new, lambda ids: ids < base_rows)
 
 
-def ordinary_rows(param, special_ids: set[int], base_rows: int) -> torch.Tensor:
-    """This rank's rows of a base's ordinary vocabulary (not its special tokens, not new rows), as a
-    mask over the rows it holds."""
+def shard_group(param):
+    """The ranks that share out a parameter's rows: the mesh's last dimension (under HSDP, one
+    group; the replicas hold the same rows)."""
+    return param.device_mesh.get_group(param.device_mesh.ndim - 1)
+
+
+def set_rows_to_mean(param, rows: list[int], averaged) -> int:
+    """Sets the global rows `rows` of a row-sharded parameter to the mean of the rows whose ids
+    `averaged(ids)` keeps, summed in float64 over every shard of its group; returns how many rows
+    the mean is of."""
     start, stop = shard_rows(param)
-    rows = np.arange(start, stop)
-    mask = (rows < base_rows) & ~np.isin(rows, list(special_ids))
-    return torch.from_numpy(mask).to(param.device)
+    local = param.to_local()
+    kept = torch.from_numpy(averaged(np.arange(start, stop))).to(local.device)
+    count = kept.sum(dtype=torch.float64)[None]
+    stats = torch.cat([local[kept].sum(0, dtype=torch.float64), count])
+    dist.all_reduce(stats, group=shard_group(param))
+    for row in [r for r in rows if start <= r < stop]:
+        local[row - start] = (stats[:-1] / stats[-1]).to(local.dtype)
+    return int(stats[-1])
 
 
 @torch.no_grad()
@@ -400,25 +406,22 @@ def mean_untrained_template_rows(model: Transformer, template: dict, special_ids
     own = {token: i for token, i in template.items() if i < base_rows}
     if not own:  # the template's tokens are all new rows (SentencePiece bases)
         return
+    def ordinary(ids):  # the base's rows of tokens: not its special tokens, not new rows
+        return (ids < base_rows) & ~np.isin(ids, list(special_ids))
+
     params = dict(model.named_parameters())
     embed = params["embed_tokens.weight"]
     start, stop = shard_rows(embed)
     norms = embed.to_local().norm(dim=1).double()
-    ordinary = ordinary_rows(embed, special_ids, base_rows)
+    kept = torch.from_numpy(ordinary(np.arange(start, stop))).to(norms.device)
     held = [norms[i - start] if start <= i < stop else norms.new_zeros(()) for i in own.values()]
-    stats = torch.stack([norms[ordinary].sum(), ordinary.sum().double(), *held])
-    group = embed.device_mesh.get_group(embed.device_mesh.ndim - 1)
-    dist.all_reduce(stats, group=group)
+    stats = torch.stack([norms[kept].sum(), kept.sum().double(), *held])
+    dist.all_reduce(stats, group=shard_group(embed))
     untrained = [t for t, norm in zip(own, stats[2:]) if norm < 1e-3 * stats[0] / stats[1]]
     if not untrained:
         return
     for param in [p for n, p in params.items() if n in ("embed_tokens.weight", "lm_head.weight")]:
-        start, stop = shard_rows(param)
-        local = param.to_local()
-        total = local[ordinary_rows(param, special_ids, base_rows)].sum(0, dtype=torch.float64)
-        dist.all_reduce(total, group=group)
-        for i in [own[t] for t in untrained if start <= own[t] < stop]:
-            local[i - start] = (total / stats[1]).to(local.dtype)
+        set_rows_to_mean(param, [own[t] for t in untrained], ordinary)
     log(f"the base never trained its rows of {', '.join(untrained)}: set to the mean of its "
         f"{int(stats[1]):,} ordinary rows, in the embedding and the output head")
 
