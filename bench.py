@@ -367,8 +367,9 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
 
 def train_py_step(config, cfg, device, n_classes):
     """train.py's own step: FSDP2 for a world of one, bf16 compute on a GPU, AdamW, clipping."""
+    import ranks
     import train
-    train.setup_processes()
+    ranks.setup_processes()
     model = Transformer(config)
     train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, default_dtype(device))
     optimizer = train.make_optimizer(model, cfg, cfg.lr)

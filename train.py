@@ -7,7 +7,8 @@ optimizer step (METHOD.md §4), under FSDP2. One code path for one process and f
 
 Read top to bottom:
   1. TrainConfig and the recipes (METHOD.md §7).
-  2. Processes and the parallelism: checkpointing, compile, fully_shard per block, then the root.
+  2. The parallelism (the processes themselves: ranks.py): checkpointing, compile, fully_shard
+     per block, then the root; FSDP or HSDP.
   3. The model: from scratch, or from a Hugging Face base read a slice per rank, new rows added.
   4. The data: multipack plans and packed batches.
   5. The step: its Σ w (step_weight_sum), then Σ w·CE / Σ w over every rank and micro-batch,
@@ -16,8 +17,6 @@ Read top to bottom:
   7. The loop: the run's plan, resuming, the log rows, faults, the end.
 """
 
-import datetime
-import gc
 import hashlib
 import json
 import math
@@ -25,7 +24,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +45,8 @@ from files import (check_writable_folder, read_json, replace_directory, short_wr
 from model import (MODELS, ModelConfig, Transformer, check_all_loaded, checked_parameter_name,
                    config_from_hf, default_device, default_dtype, iter_checkpoint,
                    write_hf_checkpoint)
+from ranks import (EveryRank, check_same_on_every_rank, gather_from_ranks, on_every_rank,
+                   setup_processes, shut_down_processes, this_rank)
 from runtime import set_cpu_threads, silence_expected_warnings
 from tokenizer_files import check_tokenizer_file, open_tokenizer_file
 
@@ -135,108 +135,7 @@ def load_config(argv) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Processes and parallelism
-
-
-def setup_processes(timeout_s: float = 1800.0):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (each node's GPU is its local rank); a plain
-    `python train.py` is a world of one, with a process group all the same, so that one code path
-    (FSDP2) serves both. NCCL on CUDA, gloo on CPU. A job that does not form within timeout_s
-    (a node never started, a port closed between nodes) is an error naming the rendezvous."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    backend = "nccl" if cuda else "gloo"
-    # device_id binds NCCL to this rank's GPU (without it NCCL guesses, and warns, at every barrier)
-    device_id = default_device() if cuda else None
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if "RANK" not in os.environ:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device_id, timeout=timeout)
-        return
-    try:
-        dist.init_process_group(backend, device_id=device_id, timeout=timeout)
-    except dist.DistError as e:
-        rendezvous = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise TimeoutError(f"the job of {os.environ['WORLD_SIZE']} ranks did not form at "
-                           f"{rendezvous} within {timeout_s:g}s ({str(e).splitlines()[0]}): start "
-                           f"every node with the same rendezvous address, open its port between "
-                           f"the nodes, or raise --dist-timeout") from None
-
-
-def this_rank() -> str:
-    """Who is speaking, for a line one rank prints alone: empty in a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    return f"rank {os.environ['RANK']} of {world} on {socket.gethostname()}: " if world > 1 else ""
-
-
-class EveryRank(Exception):
-    """An error every rank raises together, after a collective: rank 0 alone says it."""
-
-
-def ranks_on_hosts(who: list[tuple[int, str]]) -> str:
-    """[(0, "a"), (1, "a"), (2, "b"), (5, "b")] → "ranks 0-2, 5 on a, b"."""
-    runs = []
-    for r, _ in who:
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    ranks = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
-    hosts = ", ".join(sorted({host for _, host in who}))
-    return f"rank{'s' if len(who) > 1 else ''} {ranks} on {hosts}"
-
-
-def gather_from_ranks(value) -> list:
-    """Each rank's (value, host), on every rank."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (value, socket.gethostname()))
-    return gathered
-
-
-def on_every_rank(work):
-    """work() on every rank, its failure (ValueError, OSError) shared: if any rank failed, every
-    rank raises one EveryRank naming the ranks that failed and their hosts (unless every rank
-    failed alike), where one rank's missing file would otherwise leave the others waiting."""
-    try:
-        result, failure = work(), None
-    except (ValueError, OSError) as e:
-        result, failure = None, str(e)
-    gathered = gather_from_ranks(failure)
-    failures = {}
-    for rank, (message, host) in enumerate(gathered):
-        if message:
-            failures.setdefault(message, []).append((rank, host))
-    if len(failures) == 1 and len(next(iter(failures.values()))) == len(gathered):
-        raise EveryRank(next(iter(failures)))
-    if failures:
-        raise EveryRank("; ".join(f"{ranks_on_hosts(who)}: {message}"
-                                  for message, who in failures.items()))
-    return result
-
-
-def check_same_on_every_rank(values: dict):
-    """Every rank must hold the same of each value (the dataset, the plan): where a node reads
-    other files, the ranks would train on different plans and their weight sums would disagree."""
-    gathered = gather_from_ranks(values)
-    first, first_host = gathered[0]
-    for name in values:
-        odd = [(r, host) for r, (theirs, host) in enumerate(gathered)
-               if theirs[name] != first[name]]
-        if odd:
-            raise EveryRank(f"{ranks_on_hosts(odd)} hold another {name} than rank 0 on "
-                            f"{first_host}: give every node the same files")
-
-
-def shut_down_processes():
-    """The process group destroyed once nothing holds its work and every rank is done with it. gloo
-    aborted the process ("terminate called without an active exception") now and then when one rank
-    tore its connections down while another still used them (1 run in 12 of a 2-rank test without
-    the barrier), and once in a test whose sharded model was still alive at the destroy (hence the
-    collection first)."""
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+# 2. Parallelism
 
 
 def make_mesh(device, world: int, replicate: int):

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import ranks  # noqa: E402
 import train  # noqa: E402
 from model import ModelConfig, Transformer, weighted_cross_entropy  # noqa: E402
 from records import Message  # noqa: E402
@@ -287,8 +288,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "record":
         recorded(*sys.argv[2:])
         sys.exit()
-    train.setup_processes()
+    ranks.setup_processes()
     mode, *args = sys.argv[1:]
     {"step": step_identity, "hsdp": hsdp_gradient, "base": base_loading, "untrained": untrained_rows, "tied": tied_base, "bf16": bf16_weights,
      "state": sharded_state, "export": export_logits}[mode](*args)
-    train.shut_down_processes()
+    ranks.shut_down_processes()
