@@ -323,7 +323,7 @@ TRAIN_SYSTEMS = {"train": "train.py (FSDP2, world of one)", "plain": "the same m
 def bench_datasets(tmp: Path) -> dict:
     """The demo's dataset (its own tokenizer; made by demo.py when missing), and 1,500 real
     ShareGPT conversations with the Mistral tokenizer (+ <|end_of_turn|>: 32,001 rows), cut at
-    2,048 tokens."""
+    2,048 tokens, bad records skipped and counted (as bench.py data does)."""
     from assets import ASSET_CACHE, sharegpt_sources
     from demo import DemoConfig, ensure_data
     demo = DemoConfig()
@@ -331,7 +331,7 @@ def bench_datasets(tmp: Path) -> dict:
     sources = sharegpt_sources(ASSET_CACHE / "sharegpt-sources")
     data.prepare(data.PrepareConfig(sources=str(sources), tokenizer=str(MISTRAL_TOKENIZER),
                                     template="openchat_v3.2", out=str(tmp / "sharegpt"),
-                                    max_len=2048, truncate=True))
+                                    max_len=2048, truncate=True, skip_bad=True))
     return {"demo": Path(demo.out) / "dataset", "sharegpt": tmp / "sharegpt"}
 
 
