@@ -54,7 +54,6 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_seq_len: int = 4096
     sliding_window: int | None = None  # Mistral: a token sees itself and window - 1 tokens before
-    attention_bias: bool = False  # Qwen2: biases on the q, k and v projections
     tie_embeddings: bool = False
     # Rows of the embedding and the output head in memory: vocab_size rounded up to a multiple of
     # this, for aligned matmuls on a GPU (32,001 rows would not be): padded_vocab_size. The logits
@@ -75,8 +74,12 @@ class ModelConfig:
                              f"{sorted(HF_MODEL_TYPES)}")
         if self.sliding_window is not None and self.architecture != "MistralForCausalLM":
             raise ValueError("a sliding window needs architecture MistralForCausalLM")
-        if self.attention_bias != (self.architecture == "Qwen2ForCausalLM"):
-            raise ValueError("q, k, v biases come with architecture Qwen2ForCausalLM, and only")
+
+    @property
+    def attention_bias(self) -> bool:
+        """Biases on the q, k and v projections: Qwen2's architecture has them (its config.json
+        does not say so)."""
+        return self.architecture == "Qwen2ForCausalLM"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -100,7 +103,7 @@ MODELS = {
     "tiny-mistral": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
                          max_seq_len=512, sliding_window=16, architecture="MistralForCausalLM"),
     "tiny-qwen2": dict(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176,
-                       max_seq_len=512, rope_theta=1e6, norm_eps=1e-6, attention_bias=True,
+                       max_seq_len=512, rope_theta=1e6, norm_eps=1e-6,
                        architecture="Qwen2ForCausalLM"),
     "demo": dict(vocab_size=401, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=384,
                  max_seq_len=256),
@@ -119,7 +122,7 @@ MODELS = {
                          max_seq_len=131072, bos_token_id=128000, eos_token_id=128001),
     "Qwen2.5-7B": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                        ffn_dim=18944, rope_theta=1e6, norm_eps=1e-6, max_seq_len=131072,
-                       attention_bias=True, architecture="Qwen2ForCausalLM",
+                       architecture="Qwen2ForCausalLM",
                        bos_token_id=151643, eos_token_id=151643),
 }
 
@@ -611,7 +614,8 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
     if arch not in HF_MODEL_TYPES:
         raise ValueError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
                          f"this model implements {' and '.join(HF_MODEL_TYPES)}")
-    qwen2 = arch == "Qwen2ForCausalLM"  # its q, k, v biases are not in config.json: always there
+    # Qwen2's config.json names a sliding_window that it uses only with use_sliding_window.
+    qwen2 = arch == "Qwen2ForCausalLM"
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                           ("use_sliding_window", False)):
         if hf.get(key, expected) != expected:
@@ -629,7 +633,7 @@ def config_from_hf(hf: dict, source) -> ModelConfig:
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         rope_scaling=({k: rope[k] for k in _LLAMA3_ROPE} if rope_type == "llama3" else None),
         max_seq_len=hf.get("max_position_embeddings", 4096),
-        sliding_window=None if qwen2 else hf.get("sliding_window"), attention_bias=qwen2,
+        sliding_window=None if qwen2 else hf.get("sliding_window"),
         tie_embeddings=hf.get("tie_word_embeddings", False), architecture=arch,
         bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
