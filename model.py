@@ -227,6 +227,7 @@ class AttentionInputs:
     max_seqlen: int | None = None
     rows: torch.Tensor | None = None  # [S, L]: the stream index of position j of conversation s
     valid: torch.Tensor | None = None  # bool [S, L]: j < that conversation's length
+    cache_rows: torch.Tensor | None = None  # [B]: the KV cache rows of the batch's rows (sample.py)
 
 
 class KVCache(nn.Module):
@@ -238,13 +239,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions, k, v):
-        """Writes k, v [B, T, nkv, hd] at positions [B, T]; returns the cache's [B, S, nkv, hd]."""
+    def update(self, positions, k, v, rows=None):
+        """Writes k, v [B, T, nkv, hd] at positions [B, T] of the cache rows `rows` [B] (default:
+        the first B); returns those rows of the cache, [B, S, nkv, hd]."""
         B = k.shape[0]
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.k[rows, positions] = k
-        self.v[rows, positions] = v
-        return self.k[:B], self.v[:B]
+        index = torch.arange(B, device=k.device) if rows is None else rows
+        self.k[index[:, None], positions] = k
+        self.v[index[:, None], positions] = v
+        if rows is None:  # the first B rows: the cache's own storage, no copy
+            return self.k[:B], self.v[:B]
+        return self.k[rows], self.v[rows]  # a prefill into rows beside others being decoded
 
 
 class Attention(nn.Module):
@@ -271,7 +275,7 @@ class Attention(nn.Module):
             y = self.sdpa(q[0][a.rows], k[0][a.rows], v[0][a.rows], a.mask)[a.valid][None]
         else:
             if self.kv_cache is not None:
-                k, v = self.kv_cache.update(a.positions, k, v)  # [B, S, nkv, hd]
+                k, v = self.kv_cache.update(a.positions, k, v, a.cache_rows)  # [B, S, nkv, hd]
             y = self.sdpa(q, k, v, a.mask)
         return self.o_proj(y.reshape(B, T, -1))
 
@@ -399,9 +403,12 @@ class Transformer(nn.Module):
             return logits
         return logits[..., :self.config.vocab_size]
 
-    def hidden_states(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None):
+    def hidden_states(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None,
+                      cache_rows=None):
         """The final normalised hidden states, [B, T, D] or [N, D]: forward without the output
-        head, for callers that need a few positions' logits only (sample.py: each prompt's last)."""
+        head, for callers that need a few positions' logits only (sample.py: each prompt's last).
+        cache_rows [B]: the KV cache rows a batch of prompts is written into (default: the first
+        B), so that prompts can join rows that are being decoded."""
         packed = tokens.dim() == 1
         if packed:
             if positions is None or cu_seqlens is None:
@@ -410,13 +417,15 @@ class Transformer(nn.Module):
         elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         x = self.embed_tokens(tokens)
-        a = self.attention_inputs(positions, x.dtype, cu_seqlens if packed else None, max_seqlen)
+        a = self.attention_inputs(positions, x.dtype, cu_seqlens if packed else None, max_seqlen,
+                                  cache_rows)
         for layer in self.layers:
             x = layer(x, a)
         x = self.norm(x)
         return x[0] if packed else x
 
-    def attention_inputs(self, positions, dtype, cu_seqlens, max_seqlen) -> AttentionInputs:
+    def attention_inputs(self, positions, dtype, cu_seqlens, max_seqlen,
+                         cache_rows=None) -> AttentionInputs:
         inv_freq = rope_inv_freq(self.config, positions.device)
         angles = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
         angles = torch.cat((angles, angles), dim=-1)
@@ -428,7 +437,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 k_pos = torch.arange(cache.k.shape[1], device=positions.device)[None]
             mask = attention_mask(positions, k_pos, window)
-            return AttentionInputs(cos, sin, positions, mask=mask)
+            return AttentionInputs(cos, sin, positions, mask=mask, cache_rows=cache_rows)
         if cache is not None:
             raise ValueError("a packed stream cannot run through a KV cache: drop_kv_cache() first")
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]

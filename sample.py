@@ -12,17 +12,21 @@ Read top to bottom: the Generator (a loaded export, a static KV cache, batched d
 sampling), then the four ways to use it.
 """
 
+import collections
+import functools
 import json
 import math
+import queue
 import re
 import sys
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,8 +56,10 @@ class SampleConfig:
                          "\"condition\", \"system\")")
     output: str = arg("", "JSONL to write the answers to, with --input")
     overwrite: bool = arg(False, "replace --output if it exists")
-    batch_size: int = arg(32, "prompts decoded together with --input")
+    batch_size: int = arg(32, "prompts decoded together: of --input, or requests to --serve")
     serve: bool = arg(False, "serve the OpenAI chat completions API")
+    max_waiting: int = arg(256, "with --serve: requests that may wait for a row while --batch-size "
+                                "are decoded; beyond, the server answers 503")
     host: str = arg("127.0.0.1", "address to serve on")
     port: int = arg(8000, "port to serve on")
     device: str = arg("auto", "cuda or cpu; auto: cuda when there is one")
@@ -72,9 +78,33 @@ class Completion:
     prompt_tokens: int
 
 
+@dataclass(eq=False)
+class Request:
+    """One prompt being answered in a row of the KV cache, beside whatever else is decoded, with
+    its own sampling settings, seed and budget."""
+    prompt: list[int]
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    on_token: Callable[[int], None] | None = None  # each new token, as it comes
+    on_done: Callable[[Completion | Exception], None] | None = None  # the outcome, once
+    cancelled: bool = False  # set by another thread (its client is gone): the row is freed
+    # Set by the generator as it decodes:
+    row: int = -1
+    position: int = 0  # where the next token's K/V go
+    next_token: int = 0  # sampled, to be fed at `position`
+    budget: int = 0
+    tokens: list[int] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    completion: Completion | None = None
+
+
 class Generator:
-    """A model with its tokenizer and inference condition, and a static KV cache reused across
-    calls."""
+    """A model with its tokenizer and inference condition, and a static KV cache whose rows hold the
+    requests being decoded: new ones join (admit) while others decode (step), one token per row per
+    step at that row's own position."""
 
     def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str,
                  name: str, compile=False, conditions: list[str] | None = None):
@@ -88,13 +118,13 @@ class Generator:
         self.conditions = conditions or [inference_condition]  # the ones the model was trained with
         self.device = next(model.parameters()).device
         self.cache_shape = (0, 0)
+        self.rows: list[Request | None] = []  # the request in each row of the KV cache
         # gpt-fast's recipe: compile only the one-token step; "reduce-overhead" records it as a
         # CUDA graph.
         self.decode = model
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode = torch.compile(model, mode=mode, fullgraph=True)
-
     @classmethod
     def load(cls, checkpoint, device="auto", compile=False, dataset="") -> "Generator":
         """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before
@@ -142,55 +172,113 @@ class Generator:
         """A cache at least this large; kept while it is, so that compiled steps see the same
         buffers, and grown in a few sizes only (powers of two, at least 256 positions, at most the
         context), so that a compiled step meets few shapes and does not recompile for each longer
-        prompt."""
-        if batch_size > self.cache_shape[0] or length > self.cache_shape[1]:
-            rows = max(bucket(batch_size, 1), self.cache_shape[0])
-            positions = min(bucket(length, 256), self.model.config.max_seq_len)
-            self.cache_shape = (rows, max(positions, self.cache_shape[1]))
-            self.model.setup_kv_cache(*self.cache_shape)
+        prompt. The rows being decoded keep their keys and values when it grows."""
+        if batch_size <= self.cache_shape[0] and length <= self.cache_shape[1]:
+            return
+        old = [layer.self_attn.kv_cache for layer in self.model.layers]
+        rows = max(bucket(batch_size, 1), self.cache_shape[0])
+        positions = min(bucket(length, 256), self.model.config.max_seq_len)
+        self.cache_shape = (rows, max(positions, self.cache_shape[1]))
+        self.model.setup_kv_cache(*self.cache_shape)
+        for layer, cache in zip(self.model.layers, old):
+            if cache is not None and any(self.rows):
+                held_rows, held_positions = cache.k.shape[:2]
+                layer.self_attn.kv_cache.k[:held_rows, :held_positions] = cache.k
+                layer.self_attn.kv_cache.v[:held_rows, :held_positions] = cache.v
+
+    def running(self) -> list[Request]:
+        return [r for r in self.rows if r is not None]
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens=256, temperature=0.0, top_p=1.0,
                  top_k=0, seed=0, on_token=None) -> list[Completion]:
-        """Decodes the prompts together: one prefill of the right-padded batch, then one token per
-        row per step at that row's own position in the KV cache. on_token(row, token) is called as
-        tokens come."""
+        """Decodes the prompts together, each with the same settings; on_token(row, token) is
+        called as tokens come. Each prompt draws from its own generator seeded with `seed`, so its
+        answer does not depend on the prompts beside it."""
+        requests = [Request(p, max_new_tokens, temperature, top_p, top_k, seed,
+                            on_token=on_token and functools.partial(on_token, row))
+                    for row, p in enumerate(prompts)]
+        try:
+            self.admit(requests)
+            while self.running():
+                self.step()
+        finally:
+            self.release(requests)  # after a failure midway too: the rows are free again
+        return [r.completion for r in requests]
+
+    @torch.no_grad()
+    def admit(self, requests: list[Request]):
+        """Prefills the requests into free rows of the KV cache, one forward of the right-padded
+        batch with the output head only at each prompt's last token, and samples their first
+        tokens. The padding's cache slots are overwritten by the decoding steps before any query
+        can see them; the rows being decoded are not touched."""
         max_len = self.model.config.max_seq_len
-        lengths = [len(p) for p in prompts]
-        if max(lengths) >= max_len:
-            raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in the context of "
+        longest = max(len(r.prompt) for r in requests)
+        if longest >= max_len:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room in the context of "
                              f"{max_len}")
-        budget = [min(max_new_tokens, max_len - n) for n in lengths]
-        self.ensure_cache(len(prompts), min(max_len, max(n + b for n, b in zip(lengths, budget))))
-        # Prefill: the output head only at each prompt's last token. The padding's cache slots are
-        # overwritten by the decoding steps before any query can see them.
-        hidden = self.model.hidden_states(right_padded(prompts, self.device))
-        rows = torch.arange(len(prompts), device=self.device)
-        positions = torch.tensor(lengths, device=self.device)
-        last = self.model.logits(hidden[rows, positions - 1])
-        generator = torch.Generator(self.device).manual_seed(seed)
-        outputs = [[] for _ in prompts]
-        finished = [False] * len(prompts)
-        for _ in range(max(budget)):
-            tokens = sample(last, temperature, top_p, top_k, generator)
-            for row, token in enumerate(tokens.tolist()):
-                if finished[row]:
-                    continue
-                if token == self.tokenizer.eot_id:
-                    finished[row] = True
-                    continue
-                outputs[row].append(token)
-                finished[row] = len(outputs[row]) >= budget[row]
-                if on_token:
-                    on_token(row, token)
-            if all(finished):
-                break
-            last = self.decode(tokens[:, None], positions=positions[:, None])[:, 0]
-            # A finished row decodes alongside, into its last cache slot, its output unused.
-            positions = (positions + 1).clamp(max=self.cache_shape[1] - 1)
-        return [Completion(out, self.tokenizer.decode(out).strip(),
-                           "length" if len(out) >= b else "stop", n)
-                for out, b, n in zip(outputs, budget, lengths)]
+        free = [row for row, r in enumerate(self.rows) if r is None]
+        free += range(len(self.rows), len(self.rows) + len(requests) - len(free))
+        for r, row in zip(requests, free):
+            r.row, r.position = row, len(r.prompt)
+            r.budget = min(r.max_new_tokens, max_len - len(r.prompt))
+            r.rng = torch.Generator(self.device).manual_seed(r.seed)
+        self.rows += [None] * (max(r.row for r in requests) + 1 - len(self.rows))
+        self.ensure_cache(len(self.rows), max(r.position + r.budget
+                                               for r in requests + self.running()))
+        for r in requests:
+            self.rows[r.row] = r
+        rows = torch.tensor([r.row for r in requests], device=self.device)
+        hidden = self.model.hidden_states(right_padded([r.prompt for r in requests], self.device),
+                                          cache_rows=rows)
+        last = torch.tensor([r.position - 1 for r in requests], device=self.device)
+        self.take(requests, self.model.logits(hidden[torch.arange(len(requests)), last]))
+
+    @torch.no_grad()
+    def step(self):
+        """One token for every running request: each row's last token fed at its position. The
+        batch is the rows up to the last one running (in a few sizes, for a compiled step); a free
+        row among them decodes alongside, into its first cache slot, its output unused."""
+        for r in self.running():
+            if r.cancelled:
+                self.rows[r.row] = None
+        running = self.running()
+        if not running:
+            return
+        size = bucket(max(r.row for r in running) + 1, 1)
+        tokens = torch.zeros(size, 1, dtype=torch.long)
+        positions = torch.zeros(size, 1, dtype=torch.long)
+        for r in running:
+            tokens[r.row], positions[r.row] = r.next_token, r.position
+            r.position += 1
+        logits = self.decode(tokens.to(self.device), positions=positions.to(self.device))[:, 0]
+        self.take(running, logits[torch.tensor([r.row for r in running], device=self.device)])
+
+    def take(self, requests: list[Request], logits: torch.Tensor):
+        """Each request's next token from its row of logits [B, V]: kept and handed on, or the end
+        of its answer (the end of turn, or its budget spent), which frees its row."""
+        greedy = logits.argmax(-1).tolist()
+        for i, r in enumerate(requests):
+            token = greedy[i] if r.temperature == 0 else int(
+                sample(logits[i:i + 1], r.temperature, r.top_p, r.top_k, r.rng))
+            if token != self.tokenizer.eot_id:
+                r.tokens.append(token)
+                r.next_token = token
+                if r.on_token:
+                    r.on_token(token)
+            if token == self.tokenizer.eot_id or len(r.tokens) >= r.budget:
+                r.completion = Completion(r.tokens, self.tokenizer.decode(r.tokens).strip(),
+                                          "length" if len(r.tokens) >= r.budget else "stop",
+                                          len(r.prompt))
+                self.rows[r.row] = None
+                if r.on_done:
+                    r.on_done(r.completion)
+
+    def release(self, requests: list[Request]):
+        """Frees the rows of these requests (a failure midway leaves them unfinished)."""
+        for r in requests:
+            if 0 <= r.row < len(self.rows) and self.rows[r.row] is r:
+                self.rows[r.row] = None
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -429,9 +517,9 @@ MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger one is re
 class Handler(BaseHTTPRequestHandler):
     """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]),
     whatever is wrong with it, and the server goes on serving. make_server binds a Generator and
-    its worker thread."""
+    the Scheduler that runs it."""
     gen: Generator
-    worker: ThreadPoolExecutor
+    scheduler: "Scheduler"
     protocol_version = "HTTP/1.1"
     # A garbled request line gets a status line too (HTTP/0.9 has none).
     default_request_version = "HTTP/1.1"
@@ -450,6 +538,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.list_models() if path == "/v1/models" else self.chat_completion()
         except RequestError as e:
+            if e.status == 503:  # the server is full: the client may try again
+                return self.send_json(503, error_body(str(e), "server_error"), {"Retry-After": "1"})
             self.send_json(e.status, error_body(str(e), param=e.param))
         except Exception as e:  # a fault of ours: said, logged, and the server goes on
             self.log_error("%s failed: %r", path, e)
@@ -470,7 +560,11 @@ class Handler(BaseHTTPRequestHandler):
                     for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
         if request["stream"]:
             return self.stream(request["prompt"], settings, reply_id, created)
-        [done] = self.worker.submit(self.gen.generate, [request["prompt"]], **settings).result()
+        outcome = queue.SimpleQueue()
+        self.scheduler.submit(Request(request["prompt"], **settings, on_done=outcome.put))
+        done = outcome.get()
+        if isinstance(done, Exception):
+            raise done
         self.send_json(200, {
             "id": reply_id, "object": "chat.completion", "created": created, "model": self.gen.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
@@ -499,7 +593,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def stream(self, prompt, settings, reply_id, created):
         """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE];
-        a generation that fails ends with an error event, then [DONE]."""
+        a generation that fails ends with an error event, then [DONE]. A client that goes away
+        frees its row at the next decoding step."""
+        events = queue.SimpleQueue()  # the tokens as they come, then the Completion or the error
+        request = Request(prompt, **settings, on_token=events.put, on_done=events.put)
+        self.scheduler.submit(request)  # refused (503) before any of the stream is sent
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -517,20 +615,23 @@ class Handler(BaseHTTPRequestHandler):
                   "model": self.gen.name,
                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
 
-        event({"role": "assistant", "content": ""})
-        streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}))
         try:
-            generation = self.worker.submit(self.gen.generate, [prompt], on_token=streamed,
-                                            **settings)
-            [done] = generation.result()
-            if done.text != streamed.sent:  # the whole reply is stripped of trailing space too
-                event({"content": done.text[len(streamed.sent):]})
-            event({}, done.finish_reason)
-        except Exception as e:
-            self.log_error("generation failed: %r", e)
-            send(error_body(f"generation failed: {e}", "server_error"))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+            event({"role": "assistant", "content": ""})
+            streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}))
+            while isinstance(item := events.get(), int):
+                streamed(0, item)
+            if isinstance(item, Exception):
+                self.log_error("generation failed: %r", item)
+                send(error_body(f"generation failed: {item}", "server_error"))
+            else:
+                if item.text != streamed.sent:  # the whole reply is stripped of trailing space
+                    event({"content": item.text[len(streamed.sent):]})
+                event({}, item.finish_reason)
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError as e:  # the client closed the connection, or stopped reading for `timeout`
+            request.cancelled = True
+            self.log_error("stream cut short (%r): its row is freed", e)
 
     def send_json(self, status: int, body: dict, headers: dict | None = None):
         payload = json.dumps(body).encode()
@@ -556,17 +657,80 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": None}}
 
 
-def make_server(gen: Generator, host: str, port: int) -> ThreadingHTTPServer:
-    """A thread per connection, and one thread that runs every generation, so concurrent requests
-    wait their turn and the model is only ever run from that thread: CUDA graphs recorded by
-    --compile (reduce-overhead) belong to the thread that recorded them, and a thread per request
-    would record them again each time."""
-    bound = type("Handler", (Handler,), {"gen": gen, "worker": ThreadPoolExecutor(max_workers=1)})
+class Scheduler:
+    """The one thread that runs the model for the server. Requests wait in a queue and join the
+    running batch at the next decoding step, as rows free up: at most max_batch rows decode
+    together, at most max_waiting requests wait (beyond, a 503). Only this thread runs the model:
+    CUDA graphs recorded by --compile (reduce-overhead) belong to the thread that recorded them."""
+
+    def __init__(self, gen: Generator, max_batch: int, max_waiting: int):
+        self.gen = gen
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.waiting = collections.deque()
+        self.wakeup = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: Request):
+        with self.wakeup:
+            if len(self.waiting) >= self.max_waiting:
+                raise RequestError(f"the server is full: {self.max_batch} requests being answered "
+                                   f"and {len(self.waiting)} waiting; try again shortly",
+                                   status=503)
+            self.waiting.append(request)
+            self.wakeup.notify()
+
+    def run(self):
+        while True:
+            with self.wakeup:
+                while not (self.waiting or self.gen.running() or self.stopping):
+                    self.wakeup.wait()
+                if self.stopping:
+                    break
+                free = self.max_batch - len(self.gen.running())
+                joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+            self.decode([r for r in joining if not r.cancelled])
+        self.fail([*self.waiting, *self.gen.running()], RuntimeError("the server stopped"))
+
+    def decode(self, joining: list[Request]):
+        """One step of the batch, the joining requests' prefill first. A failure fails every
+        request in the batch (each is told), and the server goes on with the next."""
+        try:
+            if joining:
+                self.gen.admit(joining)
+            self.gen.step()
+        except Exception as e:
+            self.fail([*joining, *self.gen.running()], e)
+
+    def fail(self, requests: list[Request], error: Exception):
+        self.gen.release(requests)
+        for r in dict.fromkeys(requests):
+            r.on_done(error)
+
+    def stop(self):
+        """Ends the thread after the step it is in; the requests still there fail."""
+        with self.wakeup:
+            self.stopping = True
+            self.wakeup.notify()
+        self.thread.join()
+
+
+def make_server(gen: Generator, host: str, port: int, max_batch: int = 32,
+                max_waiting: int = 256) -> ThreadingHTTPServer:
+    """A thread per connection, and one Scheduler thread that decodes the requests together."""
+    bound = type("Handler", (Handler,), {"gen": gen,
+                                          "scheduler": Scheduler(gen, max_batch, max_waiting)})
     return Server((host, port), bound)
 
 
 class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of clients wait)
+
+    def server_close(self):
+        super().server_close()
+        self.RequestHandlerClass.scheduler.stop()
 
 
 def check_config(cfg: SampleConfig):
@@ -578,6 +742,7 @@ def check_config(cfg: SampleConfig):
     for flag, ok in (("temperature", 0 <= cfg.temperature < math.inf),
                      ("top-p", 0 < cfg.top_p <= 1), ("top-k", cfg.top_k >= 0),
                      ("max-new-tokens", cfg.max_new_tokens > 0), ("batch-size", cfg.batch_size > 0),
+                     ("max-waiting", cfg.max_waiting >= 0),
                      ("port", 0 <= cfg.port <= 65535)):
         if not ok:
             value = getattr(cfg, flag.replace("-", "_"))
@@ -595,12 +760,15 @@ def run(cfg: SampleConfig):
     torch.manual_seed(cfg.seed)
     if cfg.serve:
         try:
-            server = make_server(gen, cfg.host, cfg.port)
+            server = make_server(gen, cfg.host, cfg.port, cfg.batch_size, cfg.max_waiting)
         except (OSError, OverflowError) as e:  # a port in use or out of range, an unknown host
             raise OSError(f"cannot serve on {cfg.host}:{cfg.port}: {e}") from None
         print(f"serving {gen.name} on "
               f"http://{cfg.host}:{server.server_port}/v1/chat/completions", flush=True)
-        server.serve_forever()
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
     elif cfg.input:
         batch_file(gen, cfg, items)
     elif cfg.prompt:

@@ -158,6 +158,7 @@ def server():
     thread.start()
     yield httpd.server_port
     httpd.shutdown()
+    httpd.server_close()
 
 
 def exchange(port, raw: bytes, timeout=30) -> bytes:
@@ -247,7 +248,7 @@ def test_a_stalled_body_is_answered_408_when_the_socket_times_out(server):
 class FailingGenerator(Generator):
     """A fault injected where generation runs, to see what the client gets."""
 
-    def generate(self, *args, **kwargs):
+    def admit(self, requests):
         raise RuntimeError("injected fault")
 
 
@@ -266,6 +267,7 @@ def test_a_failing_generation_is_a_500_or_a_stream_ending_with_an_error_event_an
         assert b"injected fault" in events[-2] and "error" in json.loads(events[-2]) and events[-1] == b"[DONE]"
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 request_values = st.one_of(json_values, st.integers(-5, 8), st.floats(allow_nan=True), st.text(max_size=5))

@@ -3,19 +3,22 @@ one by one, the stop at the end of a turn, and the HTTP endpoint with a real cli
 
 import http.client
 import json
+import queue
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
 import data
-from conftest import ROOT
+from conftest import MISTRAL_TOKENIZER, ROOT
 from demo import DemoConfig, make_demo
-from model import Transformer
+from model import ModelConfig, Transformer
 from records import Message
-from sample import Generator, SampleConfig, fit_history, make_server, sample
+from sample import Generator, Request, SampleConfig, Scheduler, fit_history, make_server, sample
 
 PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these numbers in ascending order: 5 1 77 40",
            "Sort in increasing order: 3 2 1 60 8", "Please order from lowest to highest: 41 7"]
@@ -147,6 +150,7 @@ def server(gen):
     thread.start()
     yield httpd.server_port
     httpd.shutdown()
+    httpd.server_close()
 
 
 def request(port, method, path, body=None, raw=None):
@@ -186,17 +190,14 @@ def test_the_endpoint_answers_plain_and_streaming_requests(gen, server):
 
 def test_every_generation_of_the_server_runs_on_one_thread(gen, server, monkeypatch):
     """CUDA graphs recorded by --compile belong to the thread that recorded them: plain and streaming
-    requests, each on its own connection thread, all generate on the server's one generation thread."""
-    threads, generate = [], gen.generate
-
-    def recording(*args, **kwargs):
-        threads.append(threading.get_ident())
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(gen, "generate", recording)
+    requests, each on its own connection thread, are all prefilled and decoded on the server's one thread."""
+    threads = []
+    for name in ("admit", "step"):
+        method = getattr(gen, name)
+        monkeypatch.setattr(gen, name, lambda *a, method=method: threads.append(threading.get_ident()) or method(*a))
     for stream in (False, True, False):
         assert request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[1], stream=stream))[0] == 200
-    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert len(threads) > 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
 def test_the_condition_field_changes_the_prompt(gen, server):
@@ -252,6 +253,120 @@ def test_concurrent_requests_queue_and_each_gets_its_own_answer(gen, server):
     for t in threads:
         t.join()
     assert answers == {(i, stream): expected[i] for i, stream in jobs}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests decoded together
+
+
+def serve(gen, **limits):
+    httpd = make_server(gen, "127.0.0.1", 0, **limits)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def close(httpd):
+    httpd.shutdown()
+    httpd.server_close()  # its generation thread too
+
+
+def test_held_out_prompts_sent_at_once_get_the_answers_each_gets_alone(export):
+    """The demo's 20 held-out prompts sent together to a server that decodes 4 at a time: requests join as
+    rows free up, and every greedy answer is the one the prompt gets decoded alone."""
+    gen = Generator.load(export, device="cpu")
+    holdout = [json.loads(line)["prompt"] for line in (export.parents[2] / "demo" / "holdout.jsonl").open()]
+    alone = [gen.generate([p])[0].text for p in prompts_of(gen, holdout)]
+    steps = []
+    step = gen.step
+    gen.step = lambda: steps.append(len(gen.running())) or step()
+    httpd = serve(gen, max_batch=4)
+    answers = {}
+    threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, answer_of(httpd.server_port, holdout[i],
+                                                                                    stream=i % 2 == 1)))
+               for i in range(len(holdout))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    close(httpd)
+    assert [answers[i] for i in range(len(holdout))] == alone
+    assert max(steps) == 4 and gen.cache_shape[0] == 4  # never more rows than the cap
+
+
+@pytest.fixture(scope="module")
+def random_gen():
+    """A random tiny model (context 512): it seldom ends its turn, so its answers run to their budget."""
+    torch.manual_seed(0)
+    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size))
+    return Generator(model, tokenizer, "GPT4", "random")
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step_with_its_own_settings(random_gen, monkeypatch):
+    """A greedy request is decoding when a sampled one and one whose long prompt outgrows the KV cache arrive:
+    both join at the next step beside it (the cache grows, keeping its rows), and each of the three answers as
+    it does alone, the sampled one too (its own seed, temperature, top_k)."""
+    gen = random_gen
+    steps = []  # the requests running at each decoding step
+    step = gen.step
+    monkeypatch.setattr(gen, "step", lambda: steps.append(set(map(id, gen.running()))) or step())
+    scheduler = Scheduler(gen, max_batch=4, max_waiting=4)
+    long_prompt = gen.prompt_ids([Message("user", "Sort: " + "7 " * 140)])
+    settings = {"first": dict(prompt=gen.prompt_ids([Message("user", "Hello")]), max_new_tokens=150),
+                "sampled": dict(prompt=gen.prompt_ids([Message("user", "Sort: 3 1 2")]), max_new_tokens=30,
+                                temperature=1.0, top_k=50, seed=7),
+                "long": dict(prompt=long_prompt, max_new_tokens=20)}
+    assert 256 < len(long_prompt) + 20 < 512
+    outcomes, started = queue.SimpleQueue(), threading.Event()
+    requests = {name: Request(**kwargs, on_done=outcomes.put) for name, kwargs in settings.items()}
+    requests["first"].on_token = lambda _: len(requests["first"].tokens) >= 10 and started.set()
+    scheduler.submit(requests["first"])
+    assert started.wait(60)
+    scheduler.submit(requests["sampled"])
+    scheduler.submit(requests["long"])
+    done = [outcomes.get(timeout=60) for _ in range(3)]
+    scheduler.stop()
+    assert done[-1] is requests["first"].completion  # the others finished while it decoded
+    for name, kwargs in settings.items():
+        kwargs = dict(kwargs)
+        [alone] = gen.generate([kwargs.pop("prompt")], **kwargs)
+        assert requests[name].completion.tokens == alone.tokens, name
+    ids = {name: id(r) for name, r in requests.items()}
+    together = [s for s in steps if s == set(ids.values())]
+    assert together and steps.index(together[0]) >= 10  # they joined while the first was decoding
+    assert gen.cache_shape[1] == 512
+
+
+def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random_gen):
+    """One row, one waiting place: a third request is refused with a 503 and Retry-After; a streaming client
+    that closes its connection gives its row to the waiting request."""
+    httpd = serve(random_gen, max_batch=1, max_waiting=1)
+    scheduler = httpd.RequestHandlerClass.scheduler
+    port = httpd.server_port
+    body = json.dumps(chat_body("Hello", stream=True, max_tokens=400)).encode()
+    streaming = socket.create_connection(("127.0.0.1", port), timeout=60)
+    streaming.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"chat.completion.chunk" not in received:  # until it is decoding
+        received += streaming.recv(65536)
+    waiting = {}
+    thread = threading.Thread(target=lambda: waiting.update(
+        zip(("status", "body"), request(port, "POST", "/v1/chat/completions", chat_body("Hi", max_tokens=5))[:2])))
+    thread.start()
+    while not scheduler.waiting:
+        time.sleep(0.01)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(chat_body("Hey")))
+    refused = connection.getresponse()
+    error = json.loads(refused.read())["error"]
+    assert refused.status == 503 and refused.getheader("Retry-After") == "1"
+    assert error["type"] == "server_error" and "1 waiting" in error["message"]
+    streaming.close()  # the client leaves; its row goes to the waiting request
+    thread.join(60)
+    assert waiting["status"] == 200 and json.loads(waiting["body"])["usage"]["completion_tokens"] == 5
+    assert not random_gen.running() and not scheduler.waiting
+    close(httpd)
 
 
 # ---------------------------------------------------------------------------------------------------------
