@@ -473,7 +473,7 @@ def parse_messages(messages) -> tuple[list[Message], str | None]:
 
 REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int,
                   "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
-                  "stream": bool, "condition": str, "n": int}
+                  "stream": bool, "stream_options": dict, "condition": str, "n": int}
 
 
 def check_request(body, gen: Generator) -> dict:
@@ -498,6 +498,9 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError("temperature must be finite and >= 0, top_p in (0, 1], top_k >= 0")
     if not 0 <= body.get("seed", 0) < 2**63:
         raise RequestError("'seed' must be in [0, 2**63)", "seed")
+    usage = (body.get("stream_options") or {}).get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options")
     try:
         prompt = gen.prompt_ids(messages, body.get("condition"), system)
     except BadInput as e:  # a lone surrogate in a message
@@ -508,7 +511,8 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds "
                            f"{gen.model.config.max_seq_len}", "messages")
     return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                top_k=top_k, seed=body.get("seed", 0), stream=body.get("stream", False))
+                top_k=top_k, seed=body.get("seed", 0), stream=body.get("stream", False),
+                stream_usage=usage)
 
 
 MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger one is refused unread
@@ -559,7 +563,8 @@ class Handler(BaseHTTPRequestHandler):
         settings = {k: request[k]
                     for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
         if request["stream"]:
-            return self.stream(request["prompt"], settings, reply_id, created)
+            return self.stream(request["prompt"], settings, reply_id, created,
+                               request["stream_usage"])
         outcome = queue.SimpleQueue()
         self.scheduler.submit(Request(request["prompt"], **settings, on_done=outcome.put))
         done = outcome.get()
@@ -569,8 +574,7 @@ class Handler(BaseHTTPRequestHandler):
             "id": reply_id, "object": "chat.completion", "created": created, "model": self.gen.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                          "finish_reason": done.finish_reason}],
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
-                      "total_tokens": done.prompt_tokens + len(done.tokens)}})
+            "usage": usage_of(done)})
 
     def read_json_body(self):
         length = self.headers.get("Content-Length")
@@ -591,10 +595,11 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError) as e:
             raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
 
-    def stream(self, prompt, settings, reply_id, created):
-        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk, [DONE];
-        a generation that fails ends with an error event, then [DONE]. A client that goes away
-        frees its row at the next decoding step."""
+    def stream(self, prompt, settings, reply_id, created, usage: bool):
+        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk (with
+        `usage`, stream_options.include_usage: then a chunk of the token counts), [DONE]; a
+        generation that fails ends with an error event, then [DONE]. A client that goes away frees
+        its row at the next decoding step."""
         events = queue.SimpleQueue()  # the tokens as they come, then the Completion or the error
         request = Request(prompt, **settings, on_token=events.put, on_done=events.put)
         self.scheduler.submit(request)  # refused (503) before any of the stream is sent
@@ -610,10 +615,12 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
+        head = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
+                "model": self.gen.name}
+
         def event(delta, finish_reason=None):
-            send({"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                  "model": self.gen.name,
-                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+            send({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                  **({"usage": None} if usage else {})})
 
         try:
             event({"role": "assistant", "content": ""})
@@ -627,6 +634,8 @@ class Handler(BaseHTTPRequestHandler):
                 if item.text != streamed.sent:  # the whole reply is stripped of trailing space
                     event({"content": item.text[len(streamed.sent):]})
                 event({}, item.finish_reason)
+                if usage:
+                    send({**head, "choices": [], "usage": usage_of(item)})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError as e:  # the client closed the connection, or stopped reading for `timeout`
@@ -651,6 +660,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         print(f"{self.address_string()} {format % args}", file=sys.stderr)
+
+
+def usage_of(done: Completion) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
+            "total_tokens": done.prompt_tokens + len(done.tokens)}
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None) -> dict:

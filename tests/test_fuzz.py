@@ -277,7 +277,9 @@ requests = st.fixed_dictionaries({}, optional={
          "content": st.one_of(st.text(max_size=20), json_values)}), max_size=3)),
     "max_tokens": st.integers(-3, 4), "temperature": request_values, "top_p": request_values,
     "top_k": request_values, "seed": st.one_of(st.integers(-2**70, 2**70), json_values),
-    "stream": st.one_of(st.booleans(), json_values), "condition": st.sampled_from(["GPT4", "GPT3", "", "x"]),
+    "stream": st.one_of(st.booleans(), json_values),
+    "stream_options": st.one_of(json_values, st.fixed_dictionaries({}, optional={"include_usage": json_values})),
+    "condition": st.sampled_from(["GPT4", "GPT3", "", "x"]),
     "n": st.integers(0, 2)})
 
 

@@ -184,6 +184,12 @@ def test_the_endpoint_answers_plain_and_streaming_requests(gen, server):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and len(chunks) > 3  # token by token
 
+    _, body, _ = request(server, "POST", "/v1/chat/completions",
+                         chat_body(PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+    chunks = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == reply["usage"]
+
     status, body, _ = request(server, "GET", "/v1/models")
     assert status == 200 and json.loads(body)["data"][0]["object"] == "model"
 
@@ -215,6 +221,8 @@ BAD_REQUESTS = {
     "max_tokens of the wrong type": (json.dumps(chat_body("hi", max_tokens="5")).encode(), "max_tokens"),
     "max_tokens zero": (json.dumps(chat_body("hi", max_tokens=0)).encode(), "max_tokens"),
     "stream not a bool": (json.dumps(chat_body("hi", stream="yes")).encode(), "stream"),
+    "include_usage not a bool": (json.dumps(chat_body("hi", stream_options={"include_usage": 1})).encode(),
+                                 "stream_options"),
     "ends with the assistant": (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(),
                                 "messages"),
     "longer than the context": (json.dumps(chat_body("9 " * 600)).encode(), "messages"),
