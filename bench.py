@@ -3,6 +3,7 @@
   python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time, memory
   python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing
   python bench.py decode  sample.py's generation vs transformers' generate: tokens/s, batch 1, 32
+  python bench.py serve   the server under 1-64 concurrent clients, batched vs one at a time
   python bench.py train   train.py's step vs a plain loop (CPU) and transformers' LlamaForCausalLM
   python bench.py scale   will a run fit? memory per GPU by component, the step time at a given MFU
   python bench.py COMMAND --help     a command's options
@@ -11,11 +12,15 @@ Each measurement runs in a fresh process, so one case's allocator state cannot f
 The figures, their machines and what they are checked against: BENCHMARKS.md.
 """
 
+import http.client
+import json
 import multiprocessing
 import platform
+import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +34,7 @@ from assets import fetch_sharegpt
 from cli import arg, run_commands
 from model import (CHUNK_TOKENS, ModelConfig, Transformer, default_device, default_dtype,
                    fused_weighted_cross_entropy, weighted_cross_entropy)
-from sample import Generator
+from sample import Generator, make_server
 
 ROOT = Path(__file__).resolve().parent
 MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
@@ -297,6 +302,131 @@ def decode_transformers(config: ModelConfig, dtype, prompt, cfg: DecodeConfig, d
         rows.append((f"transformers {transformers.__version__} generate", batch,
                      batch * (cfg.new_tokens - 1), seconds - first, first, warmup))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# serve
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = arg("runs/demo/exports/epoch-5", "the demo model (python demo.py writes it); "
+                                                       "empty: the TinyLlama-width model only")
+    layers: int = arg(4, "the TinyLlama-width model (random weights) cut to this many layers")
+    clients: list[int] = arg([1, 4, 16, 64], "concurrent clients")
+    requests: int = arg(2, "requests each client sends, one after the other")
+    max_tokens: int = arg(64, "max_tokens of each request")
+    batch_size: int = arg(64, "the batched server's --batch-size")
+
+
+def bench_serve(cfg: ServeConfig):
+    """Each server (sample.py's make_server in a process of its own, as `sample.py --serve`) is
+    measured batched (--batch-size) and one request at a time (--batch-size=1) under the same
+    clients: each client sends its requests one after the other, streamed, with
+    stream_options.include_usage for the exact number of tokens generated."""
+    device = default_device()
+    models = [("TinyLlama-1.1B", "")]
+    if cfg.checkpoint and not Path(cfg.checkpoint).exists():
+        print(f"{cfg.checkpoint} does not exist (python demo.py writes it): the demo model is left "
+              f"out of this run")
+    elif cfg.checkpoint:
+        models.insert(0, ("demo", cfg.checkpoint))
+    print(f"bench.py serve on {device_name(device.type)}, torch {torch.__version__}: "
+          f"{cfg.requests} streamed requests per client, max_tokens {cfg.max_tokens}, greedy; the "
+          f"TinyLlama-width model with random weights cut to {cfg.layers} layers\n")
+    print("| model | clients | server | requests | tokens | seconds | tokens/s | × one at a time | "
+          "first token p50 / p95 s | last token p50 / p95 s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    servers = {1: "one at a time", cfg.batch_size: f"{cfg.batch_size} rows together"}
+    for name, checkpoint in models:
+        runs = {rows: serve_and_measure(name, checkpoint, rows, cfg) for rows in servers}
+        for clients in cfg.clients:
+            for rows, label in servers.items():
+                wall, times = runs[rows][clients]
+                rate = tokens_per_second(wall, times)
+                gain = rate / tokens_per_second(*runs[1][clients])
+                first, last = np.percentile([[f, e] for f, e, _ in times], [50, 95], axis=0).T
+                print(f"| {name} | {clients} | {label} | {len(times)} | "
+                      f"{sum(t for _, _, t in times):,} | {wall:.1f} | {rate:,.1f} | {gain:.2f} | "
+                      f"{first[0]:.2f} / {first[1]:.2f} | {last[0]:.2f} / {last[1]:.2f} |",
+                      flush=True)
+
+
+def tokens_per_second(wall: float, times: list[tuple]) -> float:
+    return sum(tokens for _, _, tokens in times) / wall
+
+
+def serve_and_measure(name: str, checkpoint: str, rows: int, cfg: ServeConfig) -> dict:
+    """{clients: (wall seconds, [(first token s, last token s, tokens) per request])} against a
+    server decoding `rows` requests together, after one request to warm it up."""
+    spawn = multiprocessing.get_context("spawn")
+    ports = spawn.Queue()
+    server = spawn.Process(target=serve_for_bench, args=(name, checkpoint, cfg.layers, rows, ports),
+                           daemon=True)
+    server.start()
+    try:
+        port = ports.get(timeout=600)
+        prompts = random.Random(0)
+        ask(port, sort_prompt(prompts), cfg.max_tokens)
+        return {clients: run_clients(port, clients, cfg, prompts) for clients in cfg.clients}
+    finally:
+        server.terminate()
+        server.join()
+
+
+def serve_for_bench(name: str, checkpoint: str, layers: int, rows: int, ports):
+    device = default_device()
+    if checkpoint:
+        gen = Generator.load(checkpoint, device)
+    else:
+        tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")
+        config = ModelConfig.from_name(name, vocab_size=tokenizer.vocab_size, n_layers=layers)
+        torch.manual_seed(0)
+        model = random_model(config, device, default_dtype(device))
+        gen = Generator(model, tokenizer, "GPT4", name)
+    server = make_server(gen, "127.0.0.1", 0, max_batch=rows, max_waiting=1024)
+    ports.put(server.server_port)
+    server.serve_forever()
+
+
+def sort_prompt(rng: random.Random) -> str:
+    numbers = " ".join(str(rng.randint(1, 99)) for _ in range(rng.randint(3, 12)))
+    return f"Sort these numbers from smallest to largest: {numbers}"
+
+
+def run_clients(port: int, clients: int, cfg: ServeConfig, rng: random.Random) -> tuple:
+    prompts = [[sort_prompt(rng) for _ in range(cfg.requests)] for _ in range(clients)]
+    times = []
+    threads = [threading.Thread(target=lambda mine=mine: times.extend(
+        ask(port, p, cfg.max_tokens) for p in mine)) for mine in prompts]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, times
+
+
+def ask(port: int, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed chat completion: (seconds to the first content, to the end, tokens)."""
+    start = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    connection.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "stream": True, "stream_options": {"include_usage": True}}))
+    response = connection.getresponse()
+    first = None
+    for line in response:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[len(b"data: "):])
+        if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - start
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+    connection.close()
+    end = time.perf_counter() - start
+    return (end if first is None else first), end, tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -627,6 +757,7 @@ COMMANDS = {
     "loss": (LossConfig, bench_loss, "fused weighted loss vs naive cross-entropy"),
     "data": (DataConfig, bench_data, "the real ShareGPT file through data.py"),
     "decode": (DecodeConfig, bench_decode, "generation speed against transformers' generate"),
+    "serve": (ServeConfig, bench_serve, "the server under concurrent clients, batched or not"),
     "train": (TrainBenchConfig, bench_train, "train.py's step vs a plain loop and transformers"),
     "scale": (ScaleConfig, bench_scale, "memory per GPU by component and step time, by arithmetic"),
 }

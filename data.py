@@ -170,23 +170,44 @@ def shift_to_predictions(weights: list[float]) -> np.ndarray:
 # 3. The same template as Jinja, for the exports (tests hold it equal to tokenize_conversation)
 
 
-def chat_template(tokenizer: Tokenizer, condition: str) -> str | None:
-    """The template at one condition as Jinja (transformers' apply_chat_template, llama.cpp): the
-    text of tokenize_conversation's ids; None for the "text" template, which has no turns."""
+def turn_prefixes(tokenizer: Tokenizer, condition: str) -> dict[str, str]:
+    """The text before each role's message at a condition, and the generation prompt: the text of
+    tokenize_conversation's ids (the space is SentencePiece's dummy prefix before a message)."""
     template = tokenizer.template
-    if template.eot is None:
-        return None
-    space = tokenizer.backend.text_prefix  # SentencePiece's dummy prefix before each message text
+    space = tokenizer.backend.text_prefix
     prompt = template.role_prefix("assistant", condition)
-    user = template.role_prefix("user", condition) + space
-    system = template.role_prefix("system", "") + space if template.header else ""
+    return {"system": template.role_prefix("system", "") + space if template.header else "",
+            "user": template.role_prefix("user", condition) + space,
+            "assistant": prompt + space, "prompt": prompt}
+
+
+def chat_template(tokenizer: Tokenizer, condition: str) -> str | None:
+    """The template at one condition as Jinja (transformers' apply_chat_template, llama.cpp); None
+    for the "text" template, which has no turns."""
+    if tokenizer.template.eot is None:
+        return None
+    p = {role: jinja(text) for role, text in turn_prefixes(tokenizer, condition).items()}
     return ("{{ bos_token }}" if tokenizer.bos_id is not None else "") + (
         "{% for m in messages %}"
-        "{% if m['role'] == 'system' %}{{ " + jinja(system) + " + m['content'] }}"
-        "{% elif m['role'] == 'user' %}{{ " + jinja(user) + " + m['content'] }}"
-        "{% else %}{{ " + jinja(prompt + space) + " + m['content'] }}{% endif %}"
-        "{{ " + jinja(template.eot) + " }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ " + jinja(prompt) + " }}{% endif %}")
+        "{% if m['role'] == 'system' %}{{ " + p["system"] + " + m['content'] }}"
+        "{% elif m['role'] == 'user' %}{{ " + p["user"] + " + m['content'] }}"
+        "{% else %}{{ " + p["assistant"] + " + m['content'] }}{% endif %}"
+        "{{ " + jinja(tokenizer.template.eot) + " }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ " + p["prompt"] + " }}{% endif %}")
+
+
+def modelfile(tokenizer: Tokenizer, condition: str) -> str:
+    """The template at one condition for ollama, which does not read the Jinja: a Modelfile whose
+    TEMPLATE (Go's text/template) gives the Jinja's text less the BOS, which ollama adds, and whose
+    stop is the end of a turn. FROM is the GGUF that llama.cpp's converter writes beside it."""
+    p = turn_prefixes(tokenizer, condition)
+    eot = tokenizer.template.eot
+    template = ('{{ range .Messages }}{{ if eq .Role "system" }}' + p["system"] + "{{ .Content }}"
+                '{{ else if eq .Role "user" }}' + p["user"] + "{{ .Content }}"
+                "{{ else }}" + p["assistant"] + "{{ .Content }}{{ end }}" + eot + "{{ end }}"
+                + p["prompt"])
+    return (f'# ollama create NAME -f Modelfile, after convert_hf_to_gguf.py --outfile model.gguf\n'
+            f'FROM ./model.gguf\nTEMPLATE """{template}"""\nPARAMETER stop "{eot}"\n')
 
 
 def jinja(text: str) -> str:

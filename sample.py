@@ -8,8 +8,9 @@ METHOD.md §1) unless told otherwise.
   python sample.py --checkpoint DIR --input questions.jsonl --output answers.jsonl
   python sample.py --checkpoint DIR --serve --port 8000       # POST /v1/chat/completions
 
-Read top to bottom: the Generator (a loaded export, a static KV cache, batched decoding and
-sampling), then the four ways to use it.
+Read top to bottom: the Generator (a loaded export, a static KV cache whose rows hold the
+requests being decoded together, each with its own sampling), then the four ways to use it; the
+server decodes the requests that arrive together, a new one joining at the next step.
 """
 
 import collections
@@ -125,6 +126,7 @@ class Generator:
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.decode = torch.compile(model, mode=mode, fullgraph=True)
+
     @classmethod
     def load(cls, checkpoint, device="auto", compile=False, dataset="") -> "Generator":
         """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before

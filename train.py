@@ -646,9 +646,9 @@ def resume_from_newest(model, optimizer, out: Path, conversations: int, rank: in
 
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
     """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer
-    with its added special tokens and the chat template (data.tokenizer_config), and crlft.json
-    (template, conditions, inference condition), which sample.py and eval.py read. Written beside
-    its place and renamed when complete."""
+    with its added special tokens and the chat template (data.tokenizer_config), an ollama
+    Modelfile (data.modelfile), and crlft.json (template, conditions, inference condition), which
+    sample.py and eval.py read. Written beside its place and renamed when complete."""
     tok = meta["tokenizer"]
     tmp = path.with_name(f".tmp-{path.name}")
     if rank == 0:
@@ -666,6 +666,8 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
         tokenizer = data.Tokenizer(tmp / tok["file"], meta["template"])
         write_json(tmp / "tokenizer_config.json", data.tokenizer_config(
             tokenizer, meta["inference_condition"], model.config.max_seq_len))
+        if tokenizer.template.eot is not None:  # a template with turns: ollama's form of it too
+            (tmp / "Modelfile").write_text(data.modelfile(tokenizer, meta["inference_condition"]))
         write_json(tmp / "crlft.json", {
             "template": meta["template"], "inference_condition": meta["inference_condition"],
             "conditions": meta["conditions"], "sources": meta["sources"],
