@@ -677,7 +677,10 @@ class Scheduler:
     """The one thread that runs the model for the server. Requests wait in a queue and join the
     running batch at the next decoding step, as rows free up: at most max_batch rows decode
     together, at most max_waiting requests wait (beyond, a 503). Only this thread runs the model:
-    CUDA graphs recorded by --compile (reduce-overhead) belong to the thread that recorded them."""
+    CUDA graphs recorded by --compile (reduce-overhead) belong to the thread that recorded them.
+    A greedy answer is the one its prompt gets alone (tested on a CPU in float32); on a GPU a
+    batch's matmuls may take other kernels than one row's, summing in another order, so in bf16 a
+    near-tie between two tokens can break the other way."""
 
     def __init__(self, gen: Generator, max_batch: int, max_waiting: int):
         self.gen = gen
@@ -692,9 +695,8 @@ class Scheduler:
     def submit(self, request: Request):
         with self.wakeup:
             if len(self.waiting) >= self.max_waiting:
-                raise RequestError(f"the server is full: {self.max_batch} requests being answered "
-                                   f"and {len(self.waiting)} waiting; try again shortly",
-                                   status=503)
+                raise RequestError(f"the server is full ({self.max_batch} being answered, "
+                                   f"{len(self.waiting)} waiting); try again shortly", status=503)
             self.waiting.append(request)
             self.wakeup.notify()
 
