@@ -22,6 +22,7 @@ from conftest import ROOT
 from data import PrepareConfig, prepare
 from demo import DemoConfig, make_demo
 from model import Transformer
+from records import Message
 
 CONVERSATION = [{"role": "system", "content": "Answer with numbers only."},
                 {"role": "user", "content": "Sort these numbers from smallest to largest: 12 9 3"},
@@ -157,3 +158,27 @@ def test_the_modelfile_prompts_as_the_jinja_template_and_stops_at_the_end_of_tur
                                                                 add_generation_prompt=True)
         assert bos + render_go_template(template, messages) == jinja  # ollama adds the BOS itself
     assert "GPT4" in template and tokenizer.template.eot in template
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])
+def test_a_runtime_that_tokenizes_the_rendered_template_whole_gets_the_training_ids(exports, kind):
+    """transformers, like llama.cpp (LLAMA_CPP.md) and ollama, tokenizes the rendered template whole; data.py
+    tokenizes role prefixes and messages apart, as the reference trainer does. With the demo's SentencePiece the
+    ids are the same. With SmolLM2's tokenizer.json (GPT-2's pre-tokenizer, which splits the last newline of a
+    run off when a letter follows), the 3.6 header's "\\n\\n" before a message's text is Ċ Ċ whole and ĊĊ apart;
+    the generation prompt ends the text and keeps ĊĊ, as training has it before every answer. Nothing else
+    differs. (Llama-3's own pre-tokenizer keeps ĊĊ either way: tests/test_bases.py.)"""
+    from transformers import AutoTokenizer
+    export = exports[kind]
+    tokenizer = export_tokenizer(export)
+    messages = [Message(m["role"], m["content"]) for m in CONVERSATION[1:]]
+    ours, _ = data.tokenize_conversation(tokenizer, messages, "GPT4", CONVERSATION[0]["content"], inference=True)
+    theirs = AutoTokenizer.from_pretrained(export).apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    expected = ours
+    if kind == "tokenizer.json":
+        [[apart], [newline]] = tokenizer.encode(["\n\n", "\n"])
+        header_end = tokenizer.special_ids["<|end_header_id|>"]
+        expected = [t for i, t in enumerate(ours) for t in (
+            [newline, newline] if t == apart and ours[i - 1] == header_end and i + 1 < len(ours) else [t])]
+        assert len(expected) == len(ours) + 4  # the system's header and three messages'
+    assert theirs["input_ids"] == expected
