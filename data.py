@@ -167,7 +167,7 @@ def shift_to_predictions(weights: list[float]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The same template as Jinja, for the exports (tests hold it equal to tokenize_conversation)
+# 3. The same template for the exports: Jinja, and ollama's Modelfile (tests hold both to it)
 
 
 def turn_prefixes(tokenizer: Tokenizer, condition: str) -> dict[str, str]:
