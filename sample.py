@@ -89,6 +89,7 @@ class Request:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    stop: tuple[str, ...] = ()  # texts that end the answer where they appear (not shown)
     on_token: Callable[[int], None] | None = None  # each new token, as it comes
     on_done: Callable[[Completion | Exception], None] | None = None  # the outcome, once
     cancelled: bool = False  # set by another thread (its client is gone): the row is freed
@@ -258,29 +259,49 @@ class Generator:
 
     def take(self, requests: list[Request], logits: torch.Tensor):
         """Each request's next token from its row of logits [B, V]: kept and handed on, or the end
-        of its answer (the end of turn, or its budget spent), which frees its row."""
+        of its answer (the end of turn, one of its stop sequences, its budget spent)."""
         greedy = logits.argmax(-1).tolist()
         for i, r in enumerate(requests):
             token = greedy[i] if r.temperature == 0 else int(
                 sample(logits[i:i + 1], r.temperature, r.top_p, r.top_k, r.rng))
-            if token != self.tokenizer.eot_id:
-                r.tokens.append(token)
-                r.next_token = token
-                if r.on_token:
-                    r.on_token(token)
-            if token == self.tokenizer.eot_id or len(r.tokens) >= r.budget:
-                r.completion = Completion(r.tokens, self.tokenizer.decode(r.tokens).strip(),
-                                          "length" if len(r.tokens) >= r.budget else "stop",
-                                          len(r.prompt))
-                self.rows[r.row] = None
-                if r.on_done:
-                    r.on_done(r.completion)
+            if token == self.tokenizer.eot_id:
+                self.finish(r, self.tokenizer.decode(r.tokens), "stop")
+                continue
+            r.tokens.append(token)
+            r.next_token = token
+            if r.on_token:
+                r.on_token(token)
+            if r.stop:
+                text = self.tokenizer.decode(r.tokens)
+                end, stopped = until_stop(text, r.stop)
+                if stopped:
+                    self.finish(r, text[:end], "stop")
+                    continue
+            if len(r.tokens) >= r.budget:
+                self.finish(r, self.tokenizer.decode(r.tokens), "length")
+
+    def finish(self, r: Request, text: str, reason: str):
+        """The answer whole (its text without the stop sequence), and its row freed."""
+        r.completion = Completion(r.tokens, text.strip(), reason, len(r.prompt))
+        self.rows[r.row] = None
+        if r.on_done:
+            r.on_done(r.completion)
 
     def release(self, requests: list[Request]):
         """Frees the rows of these requests (a failure midway leaves them unfinished)."""
         for r in requests:
             if 0 <= r.row < len(self.rows) and self.rows[r.row] is r:
                 self.rows[r.row] = None
+
+
+def until_stop(text: str, stops) -> tuple[int, bool]:
+    """(how much of text may be shown, whether a stop sequence ended it): the text before the
+    first stop sequence in it; with none, all but a tail that may be the start of one."""
+    found = [text.find(s) for s in stops if s in text]
+    if found:
+        return min(found), True
+    tail = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return len(text) - tail, False
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -368,19 +389,21 @@ def fit_history(gen: Generator, history: list[Message], condition: str, cfg: Sam
 
 class TextStream:
     """on_token for one reply: decodes the tokens so far and hands on the new text, whole
-    characters only (SentencePiece pieces can end inside a character or carry its leading space).
-    """
+    characters only (SentencePiece pieces can end inside a character or carry its leading space),
+    none of a stop sequence or of what may become one, and spaces only once text follows them."""
 
-    def __init__(self, tokenizer: data.Tokenizer, emit):
+    def __init__(self, tokenizer: data.Tokenizer, emit, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.emit = emit
+        self.stop = stop
         self.tokens = []
         self.sent = ""
 
     def __call__(self, _row, token):
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens).lstrip()
-        if text != self.sent and not text.endswith("\ufffd"):
+        text = text[:until_stop(text, self.stop)[0]].rstrip()  # as the whole answer is
+        if len(text) > len(self.sent) and not text.endswith("\ufffd"):
             self.emit(text[len(self.sent):])
             self.sent = text
 
@@ -475,7 +498,8 @@ def parse_messages(messages) -> tuple[list[Message], str | None]:
 
 REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int,
                   "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
-                  "stream": bool, "stream_options": dict, "condition": str, "n": int}
+                  "stream": bool, "stream_options": dict, "stop": (str, list), "condition": str,
+                  "n": int}
 
 
 def check_request(body, gen: Generator) -> dict:
@@ -500,6 +524,10 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError("temperature must be finite and >= 0, top_p in (0, 1], top_k >= 0")
     if not 0 <= body.get("seed", 0) < 2**63:
         raise RequestError("'seed' must be in [0, 2**63)", "seed")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(t, str) and t for t in stop):
+        raise RequestError("'stop' is a string or a list of at most 4 non-empty strings", "stop")
     usage = (body.get("stream_options") or {}).get("include_usage", False)
     if not isinstance(usage, bool):
         raise RequestError("'stream_options.include_usage' must be true or false", "stream_options")
@@ -513,8 +541,8 @@ def check_request(body, gen: Generator) -> dict:
         raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds "
                            f"{gen.model.config.max_seq_len}", "messages")
     return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                top_k=top_k, seed=body.get("seed", 0), stream=body.get("stream", False),
-                stream_usage=usage)
+                top_k=top_k, seed=body.get("seed", 0), stop=tuple(stop),
+                stream=body.get("stream", False), stream_usage=usage)
 
 
 MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger one is refused unread
@@ -563,7 +591,7 @@ class Handler(BaseHTTPRequestHandler):
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         settings = {k: request[k]
-                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
         if request["stream"]:
             return self.stream(request["prompt"], settings, reply_id, created,
                                request["stream_usage"])
@@ -626,14 +654,15 @@ class Handler(BaseHTTPRequestHandler):
 
         try:
             event({"role": "assistant", "content": ""})
-            streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}))
+            streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}),
+                                  settings["stop"])
             while isinstance(item := events.get(), int):
                 streamed(0, item)
             if isinstance(item, Exception):
                 self.log_error("generation failed: %r", item)
                 send(error_body(f"generation failed: {item}", "server_error"))
             else:
-                if item.text != streamed.sent:  # the whole reply is stripped of trailing space
+                if item.text != streamed.sent:  # the rest: a character cut short, a held-back tail
                     event({"content": item.text[len(streamed.sent):]})
                 event({}, item.finish_reason)
                 if usage:

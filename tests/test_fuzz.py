@@ -279,6 +279,7 @@ requests = st.fixed_dictionaries({}, optional={
     "top_k": request_values, "seed": st.one_of(st.integers(-2**70, 2**70), json_values),
     "stream": st.one_of(st.booleans(), json_values),
     "stream_options": st.one_of(json_values, st.fixed_dictionaries({}, optional={"include_usage": json_values})),
+    "stop": st.one_of(json_values, st.lists(st.text(max_size=3), max_size=5)),
     "condition": st.sampled_from(["GPT4", "GPT3", "", "x"]),
     "n": st.integers(0, 2)})
 

@@ -206,6 +206,25 @@ def test_every_generation_of_the_server_runs_on_one_thread(gen, server, monkeypa
     assert len(threads) > 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
 
 
+def test_a_request_ends_at_its_own_stop_sequence_and_none_of_it_is_streamed(gen, server):
+    """OpenAI's `stop`: the answer ends where one of the request's texts appears, without it; a stream holds
+    back what may be the start of one (here " 9 1" spans several tokens), so none of it is ever sent."""
+    [expected] = gen.generate(prompts_of(gen, PROMPTS[:1]))
+    words = expected.text.split()  # numbers, e.g. "3 9 12"
+    assert len(words) >= 3 and expected.finish_reason == "stop"
+    spanning = f" {words[1]} {words[2][0]}"  # " 9 1"
+    last = expected.text[-1]
+    for stop, answer in ((spanning, words[0]), (["§", last], expected.text[:expected.text.index(last)].strip()),
+                         ("§", expected.text)):
+        _, body, _ = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[0], stop=stop))
+        choice = json.loads(body)["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == (answer, "stop")
+        _, body, _ = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[0], stop=stop, stream=True))
+        chunks = [json.loads(line[6:]) for line in body.split("\n\n") if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == answer
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_the_condition_field_changes_the_prompt(gen, server):
     for condition in ("GPT3", "GPT4"):
         _, body, _ = request(server, "POST", "/v1/chat/completions", chat_body(PROMPTS[2], condition=condition))
@@ -221,6 +240,8 @@ BAD_REQUESTS = {
     "max_tokens of the wrong type": (json.dumps(chat_body("hi", max_tokens="5")).encode(), "max_tokens"),
     "max_tokens zero": (json.dumps(chat_body("hi", max_tokens=0)).encode(), "max_tokens"),
     "stream not a bool": (json.dumps(chat_body("hi", stream="yes")).encode(), "stream"),
+    "stop not strings": (json.dumps(chat_body("hi", stop=["a", 1])).encode(), "stop"),
+    "five stops": (json.dumps(chat_body("hi", stop=list("abcde"))).encode(), "stop"),
     "include_usage not a bool": (json.dumps(chat_body("hi", stream_options={"include_usage": 1})).encode(),
                                  "stream_options"),
     "ends with the assistant": (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(),
@@ -341,7 +362,9 @@ def test_a_request_joins_the_running_batch_at_the_next_step_with_its_own_setting
         assert requests[name].completion.tokens == alone.tokens, name
     ids = {name: id(r) for name, r in requests.items()}
     together = [s for s in steps if s == set(ids.values())]
-    assert together and steps.index(together[0]) >= 10  # they joined while the first was decoding
+    # They joined while the first was decoding: its first token came from the prefill, the next nine from
+    # steps 0-8, and they were sent after its tenth.
+    assert together and steps.index(together[0]) >= 9 and steps[0] == {ids["first"]}
     assert gen.cache_shape[1] == 512
 
 
