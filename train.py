@@ -646,9 +646,10 @@ def resume_from_newest(model, optimizer, out: Path, conversations: int, rank: in
 
 def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: int, rank: int):
     """A Hugging Face folder: config.json (EOT as the end of a turn), safetensors, the tokenizer
-    with its added special tokens and the chat template (data.tokenizer_config), an ollama
-    Modelfile (data.modelfile), and crlft.json (template, conditions, inference condition), which
-    sample.py and eval.py read. Written beside its place and renamed when complete."""
+    with its added special tokens and the chat template (data.tokenizer_config), for a chat model
+    an ollama Modelfile (data.modelfile) and a README.md saying how to run it, and crlft.json
+    (template, conditions, inference condition), which sample.py and eval.py read. Written beside
+    its place and renamed when complete."""
     tok = meta["tokenizer"]
     tmp = path.with_name(f".tmp-{path.name}")
     if rank == 0:
@@ -666,8 +667,9 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
         tokenizer = data.Tokenizer(tmp / tok["file"], meta["template"])
         write_json(tmp / "tokenizer_config.json", data.tokenizer_config(
             tokenizer, meta["inference_condition"], model.config.max_seq_len))
-        if tokenizer.template.eot is not None:  # a template with turns: ollama's form of it too
+        if tokenizer.template.eot is not None:  # a chat model: how other runtimes prompt it
             (tmp / "Modelfile").write_text(data.modelfile(tokenizer, meta["inference_condition"]))
+            (tmp / "README.md").write_text(model_card(meta, path.name))
         write_json(tmp / "crlft.json", {
             "template": meta["template"], "inference_condition": meta["inference_condition"],
             "conditions": meta["conditions"], "sources": meta["sources"],
@@ -675,6 +677,19 @@ def export(model: Transformer, meta: dict, cfg: TrainConfig, path: Path, step: i
             "dataset": str(Path(cfg.data).resolve()), "step": step})
         replace_directory(tmp, path)  # the old export moved aside, the new one in, the old removed
     dist.barrier()
+
+
+def model_card(meta: dict, name: str) -> str:
+    """README.md of a chat export: how to prompt it in each runtime, which must use its template
+    (llama.cpp's built-in templates do not know OpenChat's conditions)."""
+    return (f"# {name}: fine-tuned with C-RLFT (OpenChat, arXiv 2309.11235)\n\n"
+            f"Prompted with the template {meta['template']} at the condition "
+            f"{meta['inference_condition']!r}; trained with {', '.join(meta['conditions'])}.\n\n"
+            "- transformers: `apply_chat_template` (tokenizer_config.json holds the template).\n"
+            "- llama.cpp: `python convert_hf_to_gguf.py FOLDER --outfile FOLDER/model.gguf`, then "
+            "`llama-server -m FOLDER/model.gguf --jinja` (the GGUF holds the template; without it "
+            "llama.cpp refuses the template or takes one of its own, with no condition).\n"
+            "- ollama, after that conversion: `ollama create NAME -f FOLDER/Modelfile`.\n")
 
 
 def export_name(at: Position, plans, total_steps: int) -> str | None:

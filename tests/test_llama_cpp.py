@@ -158,6 +158,8 @@ def test_the_modelfile_prompts_as_the_jinja_template_and_stops_at_the_end_of_tur
                                                                 add_generation_prompt=True)
         assert bos + render_go_template(template, messages) == jinja  # ollama adds the BOS itself
     assert "GPT4" in template and tokenizer.template.eot in template
+    card = (export / "README.md").read_text()  # how each runtime is to prompt it
+    assert "--jinja" in card and "Modelfile" in card and "'GPT4'" in card
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json"])

@@ -252,8 +252,8 @@ def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transforme
     result = run(["export", dataset, tmp_path], script="tests/train_worker.py")
     assert "export matches" in result.stdout
     export = tmp_path / "exports" / "step-3"
-    assert sorted(p.name for p in export.iterdir()) == ["config.json", "crlft.json", "model.safetensors",
-                                                       "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in export.iterdir()) == ["Modelfile", "README.md", "config.json", "crlft.json",
+                                                       "model.safetensors", "tokenizer.model", "tokenizer_config.json"]
     crlft = json.loads((export / "crlft.json").read_text())
     assert crlft["inference_condition"] == "GPT4" and crlft["conditions"] == ["GPT3", "GPT4"]
     eot = json.loads((dataset / "meta.json").read_text())["tokenizer"]["special_tokens"]["<|end_of_turn|>"]
