@@ -260,10 +260,13 @@ class Generator:
     def take(self, requests: list[Request], logits: torch.Tensor):
         """Each request's next token from its row of logits [B, V]: kept and handed on, or the end
         of its answer (the end of turn, one of its stop sequences, its budget spent)."""
-        greedy = logits.argmax(-1).tolist()
-        for i, r in enumerate(requests):
-            token = greedy[i] if r.temperature == 0 else int(
-                sample(logits[i:i + 1], r.temperature, r.top_p, r.top_k, r.rng))
+        tokens = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(requests) if r.temperature > 0]
+        if sampled:  # each draws from its own generator
+            tokens[sampled] = torch.cat([sample(logits[i:i + 1], requests[i].temperature,
+                                                requests[i].top_p, requests[i].top_k,
+                                                requests[i].rng) for i in sampled])
+        for r, token in zip(requests, tokens.tolist()):  # one wait for the device
             if token == self.tokenizer.eot_id:
                 self.finish(r, self.tokenizer.decode(r.tokens), "stop")
                 continue
