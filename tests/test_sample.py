@@ -368,9 +368,21 @@ def test_a_request_joins_the_running_batch_at_the_next_step_with_its_own_setting
     assert gen.cache_shape[1] == 512
 
 
-def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random_gen):
+def wait_until(condition, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random_gen, monkeypatch):
     """One row, one waiting place: a third request is refused with a 503 and Retry-After; a streaming client
-    that closes its connection gives its row to the waiting request."""
+    that closes its connection gives its row to the waiting request. Decoding steps wait on a gate until the
+    refusal, so that the first request cannot end before."""
+    gate, admitted = threading.Event(), []
+    step, admit = random_gen.step, random_gen.admit
+    monkeypatch.setattr(random_gen, "step", lambda: gate.wait(60) and step())
+    monkeypatch.setattr(random_gen, "admit", lambda requests: admitted.extend(requests) or admit(requests))
     httpd = serve(random_gen, max_batch=1, max_waiting=1)
     scheduler = httpd.RequestHandlerClass.scheduler
     port = httpd.server_port
@@ -378,15 +390,12 @@ def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random
     streaming = socket.create_connection(("127.0.0.1", port), timeout=60)
     streaming.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
                       + str(len(body)).encode() + b"\r\n\r\n" + body)
-    received = b""
-    while b"chat.completion.chunk" not in received:  # until it is decoding
-        received += streaming.recv(65536)
+    wait_until(random_gen.running)  # in the one row
     waiting = {}
     thread = threading.Thread(target=lambda: waiting.update(
         zip(("status", "body"), request(port, "POST", "/v1/chat/completions", chat_body("Hi", max_tokens=5))[:2])))
     thread.start()
-    while not scheduler.waiting:
-        time.sleep(0.01)
+    wait_until(lambda: scheduler.waiting)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     connection.request("POST", "/v1/chat/completions", json.dumps(chat_body("Hey")))
     refused = connection.getresponse()
@@ -394,9 +403,12 @@ def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random
     assert refused.status == 503 and refused.getheader("Retry-After") == "1"
     assert error["type"] == "server_error" and "1 waiting" in error["message"]
     streaming.close()  # the client leaves; its row goes to the waiting request
+    gate.set()
     thread.join(60)
     assert waiting["status"] == 200 and json.loads(waiting["body"])["usage"]["completion_tokens"] == 5
     assert not random_gen.running() and not scheduler.waiting
+    first = admitted[0]
+    assert first.cancelled and first.completion is None and len(first.tokens) < 400  # cut short, not finished
     close(httpd)
 
 
