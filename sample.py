@@ -95,8 +95,6 @@ class Request:
     cancelled: bool = False  # set by another thread (its client is gone): the row is freed
     # Set by the generator as it decodes:
     row: int = -1
-    position: int = 0  # where the next token's K/V go
-    next_token: int = 0  # sampled, to be fed at `position`
     budget: int = 0
     tokens: list[int] = field(default_factory=list)
     rng: torch.Generator | None = None
@@ -223,18 +221,18 @@ class Generator:
         free = [row for row, r in enumerate(self.rows) if r is None]
         free += range(len(self.rows), len(self.rows) + len(requests) - len(free))
         for r, row in zip(requests, free):
-            r.row, r.position = row, len(r.prompt)
+            r.row = row
             r.budget = min(r.max_new_tokens, max_len - len(r.prompt))
             r.rng = torch.Generator(self.device).manual_seed(r.seed)
         self.rows += [None] * (max(r.row for r in requests) + 1 - len(self.rows))
-        self.ensure_cache(len(self.rows), max(r.position + r.budget
+        self.ensure_cache(len(self.rows), max(len(r.prompt) + r.budget
                                                for r in requests + self.running()))
         for r in requests:
             self.rows[r.row] = r
         rows = torch.tensor([r.row for r in requests], device=self.device)
         hidden = self.model.hidden_states(right_padded([r.prompt for r in requests], self.device),
                                           cache_rows=rows)
-        last = torch.tensor([r.position - 1 for r in requests], device=self.device)
+        last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
         self.take(requests, self.model.logits(hidden[torch.arange(len(requests)), last]))
 
     @torch.no_grad()
@@ -252,8 +250,8 @@ class Generator:
         tokens = torch.zeros(size, 1, dtype=torch.long)
         positions = torch.zeros(size, 1, dtype=torch.long)
         for r in running:
-            tokens[r.row], positions[r.row] = r.next_token, r.position
-            r.position += 1
+            # The newest token, not yet fed, goes after the prompt and the tokens before it.
+            tokens[r.row], positions[r.row] = r.tokens[-1], len(r.prompt) + len(r.tokens) - 1
         logits = self.decode(tokens.to(self.device), positions=positions.to(self.device))[:, 0]
         self.take(running, logits[torch.tensor([r.row for r in running], device=self.device)])
 
@@ -271,7 +269,6 @@ class Generator:
                 self.finish(r, self.tokenizer.decode(r.tokens), "stop")
                 continue
             r.tokens.append(token)
-            r.next_token = token
             if r.on_token:
                 r.on_token(token)
             if r.stop:
