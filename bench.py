@@ -235,6 +235,17 @@ def random_model(config: ModelConfig, device, dtype) -> Transformer:
     return model.to(dtype).eval()
 
 
+def random_generator(name: str, layers: int | None, device, compile=False) -> Generator:
+    """The shape of model.py's MODELS[name] (cut to `layers`; None: all) with random weights
+    (seed 0), prompting with the Mistral tokenizer (32,000 pieces + EOT) and its template."""
+    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")
+    config = ModelConfig.from_name(name, vocab_size=tokenizer.vocab_size,
+                                   **({"n_layers": layers} if layers else {}))
+    torch.manual_seed(0)
+    model = random_model(config, device, default_dtype(device))
+    return Generator(model, tokenizer, "GPT4", name, compile=compile)
+
+
 def bench_decode(cfg: DecodeConfig):
     """Decoding speed = the tokens after the first over the time after the first: a run of 1 new
     token (the prefill and one step) is subtracted from a run of --new-tokens, for both systems."""
@@ -242,11 +253,8 @@ def bench_decode(cfg: DecodeConfig):
     dtype = default_dtype(device)
     model_name = cfg.model or ("Llama-2-7B" if device.type == "cuda" else "TinyLlama-1.1B")
     layers = cfg.layers or (None if device.type == "cuda" else 4)
-    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")  # 32,000 pieces + EOT
-    config = ModelConfig.from_name(model_name, vocab_size=tokenizer.vocab_size,
-                                   **({"n_layers": layers} if layers else {}))
-    torch.manual_seed(0)
-    model = random_model(config, device, dtype)
+    gen = random_generator(model_name, layers, device, cfg.compile)
+    model = gen.model
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"bench.py decode on {device_name(device.type)}, torch {torch.__version__}: "
           f"{model_name}{f' cut to {layers} layers' if layers else ''} with random {dtype} weights "
@@ -254,8 +262,8 @@ def bench_decode(cfg: DecodeConfig):
           f"tokens, greedy\n")
     prompt = torch.randint(3, 32000, (cfg.prompt_len,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    rows = decode_ours(model, tokenizer, model_name, prompt, cfg, device)
-    rows += decode_transformers(config, dtype, prompt, cfg, device)
+    rows = decode_ours(gen, prompt, cfg, device)
+    rows += decode_transformers(model.config, dtype, prompt, cfg, device)
     print("| system | batch | decoded tokens | seconds | decode tokens/s | weights read, GB/s | "
           "prefill + 1 token, s | warm-up s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -265,8 +273,7 @@ def bench_decode(cfg: DecodeConfig):
               f"{steps_per_s * weight_bytes / 1e9:,.1f} | {first:.2f} | {warmup:.1f} |")
 
 
-def decode_ours(model, tokenizer, model_name, prompt, cfg: DecodeConfig, device) -> list[tuple]:
-    gen = Generator(model, tokenizer, "GPT4", model_name, compile=cfg.compile)
+def decode_ours(gen: Generator, prompt, cfg: DecodeConfig, device) -> list[tuple]:
     rows = []
     for batch in cfg.batch:
         warmup = timed(lambda: gen.generate([prompt] * batch, max_new_tokens=8), device)
@@ -379,11 +386,7 @@ def serve_for_bench(name: str, checkpoint: str, layers: int, rows: int, ports):
     if checkpoint:
         gen = Generator.load(checkpoint, device)
     else:
-        tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_v3.2")
-        config = ModelConfig.from_name(name, vocab_size=tokenizer.vocab_size, n_layers=layers)
-        torch.manual_seed(0)
-        model = random_model(config, device, default_dtype(device))
-        gen = Generator(model, tokenizer, "GPT4", name)
+        gen = random_generator(name, layers, device)
     server = make_server(gen, "127.0.0.1", 0, max_batch=rows, max_waiting=1024)
     ports.put(server.server_port)
     server.serve_forever()
