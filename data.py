@@ -11,7 +11,8 @@ Read top to bottom (METHOD.md §2 and §6):
   4. prepare: every conversation tokenised, weighted, shifted and written as memory-mapped arrays.
   5. Multipack: conversations into packed streams per rank, at train time.
   6. show: a prepared conversation with the weight of each token.
-Users' files are read and checked by records.py; tokenizer files are tokenizer_files.py's.
+Users' files are read and checked by infra/records.py; tokenizer files are
+infra/tokenizer_files.py's.
 """
 
 import hashlib
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Progress, arg, run_commands
-from files import check_writable_folder, read_json, write_bytes, write_directory, write_json
-from records import (Message, Source, counts_report, keep_cut, parse_source_flag,
-                     read_conversations, read_source_spec, reference_cleaning)
-from tokenizer_files import open_tokenizer_file
+from infra.cli import Progress, arg, run_commands
+from infra.files import (check_writable_folder, read_json, write_bytes, write_directory,
+                         write_json)
+from infra.records import (Message, Source, counts_report, keep_cut, parse_source_flag,
+                           read_conversations, read_source_spec, reference_cleaning)
+from infra.tokenizer_files import open_tokenizer_file
 
 # --------------------------------------------------------------------------------------------------
 # 1. The conversation template
@@ -452,14 +454,24 @@ def load_meta(path) -> dict:
 
 
 def load_split(path, split: str = "train") -> Split:
-    load_meta(path)
+    """Memory-maps one split of a dataset, its arrays checked to agree with each other and with
+    meta.json's sources."""
+    meta = load_meta(path)
     arrays = {}
     for name in ARRAYS:
         file = Path(path) / split / f"{name}.npy"
         if not file.exists():
             raise FileNotFoundError(f"{file} is missing: the dataset directory is incomplete")
         arrays[name] = np.load(file, mmap_mode="r")
-    return Split(**arrays)
+    s, n = Split(**arrays), len(arrays["lengths"])
+    tokens = int(s.offsets[-1] + s.lengths[-1]) if n else 0
+    sizes = [len(s.offsets), len(s.classes), len(s.tokens), len(s.target_weights)]
+    if sizes != [n, n, tokens, tokens]:
+        raise ValueError(f"{path}/{split}: the arrays disagree (offsets, lengths, tokens, "
+                         f"weights): the dataset directory is damaged; prepare it again")
+    if n and s.classes.max() >= len(meta["sources"]):
+        raise ValueError(f"{path}: class ids beyond the {len(meta['sources'])} sources")
+    return s
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 import data
-from cli import arg, run_command
-from files import read_json, write_directory, write_json, write_text
-from records import BadInput, Source, read_conversations, read_texts
-from tokenizer_files import train_sentencepiece
+from infra.cli import arg, run_command
+from infra.files import read_json, write_directory, write_json, write_text
+from infra.records import BadInput, Source, read_conversations, read_texts
+from infra.tokenizer_files import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@
   python eval.py mtbench --checkpoint DIR --questions question.jsonl --output answers.jsonl
 
 Read top to bottom: the four evaluations of one checkpoint, then their commands. The paper's
-ablation, which trains every variant and scores it with the demo evaluation, is ablation.py.
+ablation, which trains every variant and scores it with the demo evaluation, is tools/ablation.py.
 """
 
 import json
@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 import data
-from cli import Progress, arg, run_commands
-from files import check_output, read_json, write_text
-from records import Message, read_all_records
+import train
+from infra.cli import Progress, arg, run_commands
+from infra.files import check_output, write_text
+from infra.metrics import per_class_losses
+from infra.records import Message, read_all_records
 from sample import Generator, right_padded
 
 
@@ -65,28 +67,26 @@ def in_batches(items, size: int, what: str, progress=True):
 def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_batch: int = 4096,
                   progress=True) -> dict:
     """METHOD.md §3-§4's weighted mean Σ w·CE / Σ w over a dataset's split, overall and per class
-    (each class with its condition and weight; a class with no supervised token has no loss)."""
+    (each class with its condition and weight; a class with no supervised token has no loss):
+    train.py's batches and per-class sums, without training."""
     meta = data.load_meta(dataset)
     if meta["tokenizer"]["sha256"] != gen.tokenizer.sha256:
         raise ValueError(f"{dataset} was tokenized with another tokenizer than {gen.name}'s")
     split = data.load_split(dataset, split_name)
     if not len(split.lengths):
         raise ValueError(f"{dataset}: the {split_name} split is empty (prepare with --holdout)")
-    sums = np.zeros((len(meta["sources"]), 2))  # per class: Σ w·CE, Σ w
+    sums = torch.zeros(len(meta["sources"]), 3, dtype=torch.float64, device=gen.device)
     for [conversations] in in_batches(streams(split, tokens_per_batch), 1, "loss batches",
                                       progress):
-        s = data.pack_stream(split, conversations)
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(gen.device) for k, v in s.items()}
-        _, ce, _ = gen.model(t["tokens"], t["positions"], t["cu_seqlens"], targets=t["targets"],
-                             target_weights=t["target_weights"])
-        w = t["target_weights"].double()
-        np.add.at(sums, s["classes"], torch.stack([w * ce.double(), w], 1).cpu().numpy())
-    per_class = []
-    for c, source in enumerate(meta["sources"]):
-        loss = sums[c, 0] / sums[c, 1] if sums[c, 1] else None
-        per_class.append({"class": c, "condition": source["condition"], "weight": source["weight"],
-                          "loss": loss, "perplexity": None if loss is None else math.exp(loss)})
-    loss = sums[:, 0].sum() / sums[:, 1].sum()
+        b = train.make_batch(split, conversations, gen.device)
+        _, ce, correct = gen.model(b.tokens, b.positions, b.cu_seqlens, b.max_seqlen,
+                                   targets=b.targets, target_weights=b.target_weights,
+                                   supervised=b.supervised)
+        train.add_class_sums(sums, b, ce, correct)
+    per_class = per_class_losses(sums.tolist(), meta["sources"])
+    for c in per_class:
+        c["perplexity"] = None if c["loss"] is None else math.exp(c["loss"])
+    loss = (sums[:, 0].sum() / sums[:, 2].sum()).item()
     return {"loss": loss, "perplexity": math.exp(loss), "per_class": per_class,
             "conversations": len(split.lengths)}
 
@@ -243,8 +243,8 @@ def run_loss(cfg: EvalConfig):
 def run_demo(cfg: EvalConfig):
     gen = load(cfg)
     items = read_all_records(Path(cfg.holdout))
-    trained = read_json(Path(cfg.checkpoint) / "crlft.json")["conditions"]
-    conditions = [gen.inference_condition] + [c for c in trained if c != gen.inference_condition]
+    conditions = [gen.inference_condition] + [c for c in gen.conditions
+                                              if c != gen.inference_condition]
     print("\n| condition | prompts | exact match | mixed widths | one width | answered in text "
           "order* |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for condition in conditions:

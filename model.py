@@ -1,30 +1,26 @@
-"""The LLaMA family (Llama-2, Llama-3, Mistral) in plain PyTorch, and C-RLFT's fused weighted loss.
+"""The LLaMA family (Llama-2, Llama-3, Mistral, Qwen2) in plain PyTorch, and C-RLFT's weighted loss,
+plain and fused.
 
 Read top to bottom:
   1. ModelConfig and its named presets; the default device and dtype.
   2. The blocks: RMSNorm, RoPE, attention (packed stream, padded batch, KV cache), SwiGLU MLP.
   3. Transformer: one forward for the three uses (training on packed streams, a padded batch,
-     decoding), Hugging Face checkpoints (safetensors only), new special tokens' rows.
+     decoding).
   4. The weighted loss Σ w·CE (METHOD.md §3): written plainly, then fused, never materialising the
      [N, V] logits. The method's second hop.
-  5. Hugging Face config.json and safetensors files.
 
-Parameter names are those of Hugging Face's LlamaForCausalLM without the "model." prefix, so loading
-a checkpoint is a copy by name. This file runs on one device; parallelism belongs to train.py.
+Parameter names are those of Hugging Face's LlamaForCausalLM without the "model." prefix, so that
+reading a checkpoint is a copy by name (infra/hf.py reads and writes the files). This file runs on
+one device and opens no file; parallelism is applied from outside (train.py).
 """
 
 import inspect
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from files import read_json, write_atomically, write_json
 
 try:  # flash attention over cu_seqlens (torch >= 2.10); used on CUDA for packed streams
     from torch.nn.attention.varlen import varlen_attn
@@ -69,9 +65,9 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
-        if self.architecture not in HF_MODEL_TYPES:
+        if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not one of "
-                             f"{sorted(HF_MODEL_TYPES)}")
+                             f"{sorted(ARCHITECTURES)}")
         if self.sliding_window is not None and self.architecture != "MistralForCausalLM":
             raise ValueError("a sliding window needs architecture MistralForCausalLM")
 
@@ -92,9 +88,9 @@ class ModelConfig:
         return cls(**{**MODELS[name], **overrides})
 
 
-HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                  "Qwen2ForCausalLM": "qwen2"}
-_LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+# The architectures implemented, as config.json names them.
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
 MODELS = {
     # Tests and demos: small enough for a CPU, each variation of the family switched on somewhere.
@@ -118,7 +114,7 @@ MODELS = {
                        ffn_dim=14336, rope_theta=500000.0, max_seq_len=8192, bos_token_id=128000,
                        eos_token_id=128001),
     "Llama-3.1-8B": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                         ffn_dim=14336, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+                         ffn_dim=14336, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
                          max_seq_len=131072, bos_token_id=128000, eos_token_id=128001),
     "Qwen2.5-7B": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                        ffn_dim=18944, rope_theta=1e6, norm_eps=1e-6, max_seq_len=131072,
@@ -342,7 +338,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Random weights for training from scratch. A model built on the meta device has no
-        values: call this after `to_empty(device=...)` (from_pretrained fills them instead)."""
+        values: call this after `to_empty(device=...)` (infra/hf.py's load_weights fills them
+        instead)."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:  # Qwen2's q, k, v
                 module.bias.zero_()
@@ -377,23 +374,26 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, targets=None,
-                target_weights=None, supervised=None):
+                target_weights=None, supervised=None, loss="fused"):
         """Three uses of one forward:
         - padded batch: tokens [B, T], each row a sequence from position 0 → logits [B, T, V];
         - packed stream: tokens [N], positions [N] restarting at 0 for each conversation, cu_seqlens
           (int32 [S+1], the conversation boundaries), optionally max_seqlen → logits [N, V];
         - decoding after setup_kv_cache: tokens [B, T] at positions [B, T] → logits [B, T, V].
-        With targets and target_weights (the shape of tokens), return instead the fused loss (Σ
-        w·CE, and per token CE and [argmax = target], flat [N]): the [N, V] logits are never
-        materialised. `supervised`: the flat indices of the tokens with w ≠ 0, if known, which
-        spares the loss a host sync."""
+        With targets and target_weights (the shape of tokens), returns instead the weighted loss (Σ
+        w·CE, and per token CE and [argmax = target], flat [N]): `loss` "fused" never materialises
+        the [N, V] logits, "plain" computes the same from them (weighted_cross_entropy).
+        `supervised`: the flat indices of the tokens with w ≠ 0, if known, which spares the fused
+        loss a host sync."""
         x = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
         if targets is None:
             return self.logits(x)
+        x, targets, target_weights = x.flatten(0, -2), targets.flatten(), target_weights.flatten()
         # The output weight is read here, inside the forward of the module that owns it: under
         # FSDP2 it is then the gathered (unsharded) parameter, and autograd takes its gradient back.
-        return fused_weighted_cross_entropy(x.flatten(0, -2), self.lm_head.weight,
-                                            targets.flatten(), target_weights.flatten(),
+        if loss == "plain":
+            return weighted_cross_entropy(self.logits(x), targets, target_weights)
+        return fused_weighted_cross_entropy(x, self.lm_head.weight, targets, target_weights,
                                             supervised, vocab_size=self.config.vocab_size)
 
     def logits(self, x):
@@ -455,61 +455,6 @@ class Transformer(nn.Module):
         return AttentionInputs(cos, sin, positions, mask=attention_mask(j[None], j[None], window),
                                rows=rows, valid=j < lengths[:, None])
 
-    # ----------------------------------------------------------------------------------------------
-    # Checkpoints in the Hugging Face format (safetensors only) and special tokens
-
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> "Transformer":
-        """Loads a Hugging Face folder (config.json + model.safetensors or indexed shards), built on
-        the meta device and filled one tensor at a time: never two copies of the weights."""
-        path = Path(path)
-        config = config_from_hf(read_json(path / "config.json"), path / "config.json")
-        with torch.device("meta"):
-            model = cls(config).to(dtype)
-        model.to_empty(device=device)
-        params = dict(model.named_parameters())  # tied weights appear once, as embed_tokens.weight
-        loaded = set()
-        shapes = {n: p.shape for n, p in params.items()}
-        with torch.no_grad():
-            for file, hf_name, f in iter_checkpoint(path):
-                name = checked_parameter_name(file, hf_name, f, shapes, config)
-                if name is not None:
-                    params[name].copy_(f.get_tensor(hf_name))
-                    loaded.add(name)
-        check_all_loaded(path, params, loaded)
-        return model
-
-    def save_pretrained(self, path, dtype=None, max_shard_bytes=5_000_000_000):
-        """Writes config.json and model.safetensors, or model-0000k-of-0000n.safetensors shards of
-        at most max_shard_bytes with model.safetensors.index.json, as transformers and vLLM read."""
-        params = dict(self.named_parameters())  # a tied lm_head is not saved, as transformers does
-        write_hf_checkpoint(path, self.config, {n: p.shape for n, p in params.items()},
-                            lambda n: params[n].detach(), dtype or self.lm_head.weight.dtype,
-                            max_shard_bytes)
-
-    @torch.no_grad()
-    def extend_vocab(self, vocab_size: int):
-        """Appends rows for new special tokens (METHOD.md §2: <|end_of_turn|>, pads) to the input
-        embedding and the output head; each new row starts as the mean of its matrix's rows."""
-        old = self.config.vocab_size
-        if vocab_size < old:
-            raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab_size}")
-        self.embed_tokens.weight = extend_rows(self.embed_tokens.weight, vocab_size)
-        self.embed_tokens.num_embeddings = vocab_size
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            self.lm_head.weight = extend_rows(self.lm_head.weight, vocab_size)
-        self.lm_head.out_features = vocab_size
-        self.config = replace(self.config, vocab_size=vocab_size)
-
-
-def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
-    new = weight.new_empty(n_rows, weight.shape[1])
-    new[: len(weight)] = weight
-    new[len(weight):] = weight.mean(0, dtype=torch.float32).to(weight.dtype)
-    return nn.Parameter(new, requires_grad=weight.requires_grad)
-
 
 # --------------------------------------------------------------------------------------------------
 # 4. The weighted loss (METHOD.md §3): the numerator Σ_t w_t·CE_t; train.py divides it by the
@@ -517,9 +462,15 @@ def extend_rows(weight: torch.Tensor, n_rows: int) -> nn.Parameter:
 
 
 def weighted_cross_entropy(logits, targets, target_weights):
-    """Σ_t w_t·CE_t written plainly, from the full logits [N, V]: the formula the fused loss below
-    computes without ever holding them. What tests hold it to, and bench.py's baseline."""
-    return (target_weights * F.cross_entropy(logits, targets, reduction="none")).sum()
+    """Σ_t w_t·CE_t written plainly, from the full logits [N, V], with each token's CE and
+    [argmax = target] (0 where w = 0), in float32 (float64 for float64 logits); only the sum is
+    differentiable. The formula and the outputs of the fused loss below, which computes them
+    without ever holding the logits: what the tests hold it to, and train.py's --loss=plain."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    supervised = target_weights != 0
+    ce = torch.where(supervised, F.cross_entropy(logits, targets, reduction="none"), 0)
+    correct = (supervised & (logits.argmax(-1) == targets)).to(logits.dtype)
+    return (target_weights.to(logits.dtype) * ce).sum(), ce.detach(), correct
 
 
 # Supervised tokens per chunk: memory against speed. A chunk of C tokens holds its logits in
@@ -610,171 +561,3 @@ def fused_weighted_cross_entropy(hidden, head, targets, target_weights, supervis
     vocab_size = len(head) if vocab_size is None else vocab_size
     return FusedWeightedCrossEntropy.apply(hidden, head, targets, target_weights, supervised,
                                            need_grad, chunk_tokens, vocab_size)
-
-
-# --------------------------------------------------------------------------------------------------
-# 5. Hugging Face config.json and safetensors files
-
-
-def config_from_hf(hf: dict, source) -> ModelConfig:
-    """Our config from a Hugging Face config.json (transformers 4 or 5 layout); refuses what we do
-    not implement rather than loading it wrong."""
-    arch = (hf.get("architectures") or [None])[0]
-    if arch not in HF_MODEL_TYPES:
-        raise ValueError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
-                         f"this model implements {' and '.join(HF_MODEL_TYPES)}")
-    # Qwen2's config.json names a sliding_window that it uses only with use_sliding_window.
-    qwen2 = arch == "Qwen2ForCausalLM"
-    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                          ("use_sliding_window", False)):
-        if hf.get(key, expected) != expected:
-            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 or 4
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"], head_dim=hf.get("head_dim"),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rope_scaling=({k: rope[k] for k in _LLAMA3_ROPE} if rope_type == "llama3" else None),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        sliding_window=None if qwen2 else hf.get("sliding_window"),
-        tie_embeddings=hf.get("tie_word_embeddings", False), architecture=arch,
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """The config.json transformers and vLLM read (transformers 4's keys, which 5 reads too)."""
-    hf = {
-        "architectures": [cfg.architecture], "model_type": HF_MODEL_TYPES[cfg.architecture],
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": cfg.rope_scaling and {"rope_type": "llama3", **cfg.rope_scaling},
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if cfg.architecture == "MistralForCausalLM":
-        hf["sliding_window"] = cfg.sliding_window
-    if cfg.architecture == "Qwen2ForCausalLM":  # its q, k, v biases: implied by the architecture
-        del hf["attention_bias"], hf["mlp_bias"]
-        hf.update(use_sliding_window=False, sliding_window=None)
-    return hf
-
-
-def hf_tensor_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else "model." + name
-
-
-def write_hf_checkpoint(path, config: ModelConfig, shapes: dict, fetch, dtype,
-                        max_shard_bytes=5_000_000_000, write=True):
-    """The files of save_pretrained for parameters given by name and shape, fetch(name) returning
-    one parameter's full value at a time, so only one shard is ever in memory. (train.py gathers
-    FSDP shards in fetch on every rank; only the rank with write=True writes.) Each file is written
-    under a temporary name and renamed into place; stale shards of an earlier save in the folder
-    go. Padding rows of the vocabulary (ModelConfig.vocab_multiple) stay behind: the files have
-    vocab_size rows."""
-    path = Path(path)
-    vocabulary = ("embed_tokens.weight", "lm_head.weight")
-    shapes = {n: (config.vocab_size, *s[1:]) if n in vocabulary else tuple(s)
-              for n, s in shapes.items()}
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards, size = [[]], 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    if write:
-        path.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for file, shard in zip(files, shards):
-        tensors = {hf_tensor_name(n): fetch(n)[:shapes[n][0]].to("cpu", dtype).contiguous()
-                   for n in shard}
-        if write:
-            write_atomically(path / file,
-                             lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        weight_map.update(dict.fromkeys(tensors, file))
-    if not write:
-        return
-    written = set(files)
-    if len(files) > 1:
-        index = {"metadata": {"total_size": sum(math.prod(s) for s in shapes.values()) * itemsize},
-                 "weight_map": weight_map}
-        write_json(path / "model.safetensors.index.json", index)
-        written.add("model.safetensors.index.json")
-    for stale in path.glob("model*.safetensors*"):
-        if stale.name not in written:
-            stale.unlink()
-    write_json(path / "config.json", config_to_hf(config, dtype))
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if not index.exists():
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor "
-                                f"model.safetensors.index.json (pickle .bin checkpoints are not "
-                                f"read: convert them to safetensors)")
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: no 'weight_map' object")
-    files = [path / name for name in sorted(set(weight_map.values()))]
-    for file in files:
-        if not file.exists():
-            raise FileNotFoundError(f"{index} lists {file.name}, which is missing")
-    return files
-
-
-def iter_checkpoint(path):
-    """Yields (file, Hugging Face tensor name, open safetensors file) shard after shard; read the
-    tensor with f.get_tensor(name), or only some of its rows with f.get_slice(name)[a:b]."""
-    for file in checkpoint_files(Path(path)):
-        try:
-            opened = safe_open(file, framework="pt")
-        except Exception as e:  # safetensors' own SafetensorError: a truncated or damaged file
-            raise ValueError(f"{file} is not a whole safetensors file ({e}): copy it "
-                             f"again") from None
-        with opened as f:
-            for name in f.keys():
-                yield file, name, f
-
-
-def checked_parameter_name(file, hf_name: str, f, shapes: dict, config: ModelConfig,
-                           vocab_rows: int | None = None):
-    """Our name of a checkpoint tensor after checking it belongs to the model with the expected
-    shape (`vocab_rows`: the checkpoint's vocabulary rows when the model has more); None for a
-    tensor to skip."""
-    if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry: recomputed here
-        return None
-    name = hf_name.removeprefix("model.")
-    if name not in shapes:
-        raise ValueError(f"{file}: tensor {hf_name} is not a parameter of {config.architecture} "
-                         f"with this config.json (tie_word_embeddings={config.tie_embeddings})")
-    expected = tuple(shapes[name])
-    if vocab_rows is not None and name in ("embed_tokens.weight", "lm_head.weight"):
-        expected = (vocab_rows,) + expected[1:]
-    shape = tuple(f.get_slice(hf_name).get_shape())
-    if shape != expected:
-        raise ValueError(f"{file}: tensor {hf_name} has shape {shape}, config.json implies "
-                         f"{expected}")
-    return name
-
-
-def check_all_loaded(path, params, loaded):
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-

@@ -9,34 +9,28 @@ METHOD.md §1) unless told otherwise.
   python sample.py --checkpoint DIR --serve --port 8000       # POST /v1/chat/completions
 
 Read top to bottom: the Generator (a loaded export, a static KV cache whose rows hold the
-requests being decoded together, each with its own sampling), then the four ways to use it; the
-server decodes the requests that arrive together, a new one joining at the next step.
+requests being decoded together, each with its own sampling: prefill, then one decode_step after
+another), then the ways to use it: a chat, one prompt, a file of prompts. The endpoint of --serve
+(infra/server.py) decodes the requests that arrive together, a new one joining at the next step.
 """
 
-import collections
 import functools
 import json
 import math
-import queue
-import re
 import sys
-import threading
-import time
-import uuid
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 import data
-from cli import Progress, arg, run_command
-from files import check_output, read_json, write_atomically
-from model import Transformer, default_device, default_dtype
-from records import BadInput, Message, checked_utf8, read_records
-from tokenizer_files import check_tokenizer_file
+from infra.cli import Progress, arg, check_ranges, run_command
+from infra.exports import load_for_inference
+from infra.files import check_output, write_atomically
+from infra.generation import Completion, Request, TextStream, until_stop
+from infra.records import BadInput, Message, checked_utf8, read_records
+from infra.server import make_server, parse_messages
+from model import Transformer
 
 
 @dataclass
@@ -71,46 +65,16 @@ class SampleConfig:
 # The generator
 
 
-@dataclass
-class Completion:
-    tokens: list[int]
-    text: str
-    finish_reason: str  # "stop" (end of turn) or "length"
-    prompt_tokens: int
-
-
-@dataclass(eq=False)
-class Request:
-    """One prompt being answered in a row of the KV cache, beside whatever else is decoded, with
-    its own sampling settings, seed and budget."""
-    prompt: list[int]
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()  # texts that end the answer where they appear (not shown)
-    on_token: Callable[[int], None] | None = None  # each new token, as it comes
-    on_done: Callable[[Completion | Exception], None] | None = None  # the outcome, once
-    cancelled: bool = False  # set by another thread (its client is gone): the row is freed
-    # Set by the generator as it decodes:
-    row: int = -1
-    budget: int = 0
-    tokens: list[int] = field(default_factory=list)
-    rng: torch.Generator | None = None
-    completion: Completion | None = None
-
-
 class Generator:
     """A model with its tokenizer and inference condition, and a static KV cache whose rows hold the
-    requests being decoded: new ones join (admit) while others decode (step), one token per row per
-    step at that row's own position."""
+    requests being decoded: new ones join (prefill) while others decode (decode_step), one token per
+    row per step at that row's own position."""
 
     def __init__(self, model: Transformer, tokenizer: data.Tokenizer, inference_condition: str,
                  name: str, compile=False, conditions: list[str] | None = None):
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"the model has {model.config.vocab_size} rows, the tokenizer "
-                             f"{tokenizer.vocab_size} tokens")
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the model has {model.config.vocab_size} rows, fewer than the "
+                             f"tokenizer's {tokenizer.vocab_size} tokens")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -128,32 +92,11 @@ class Generator:
 
     @classmethod
     def load(cls, checkpoint, device="auto", compile=False, dataset="") -> "Generator":
-        """An export of train.py, or a base model (a Hugging Face folder with no crlft.json) before
-        fine-tuning on `dataset`, prompted with that dataset's tokenizer and template, the
-        template's new token rows at the mean of the others as train.py starts them. bf16 on a GPU,
-        float32 on a CPU."""
-        path = Path(checkpoint)
-        if (path / "crlft.json").exists():
-            meta = read_json(path / "crlft.json")
-            tokenizer_file, expected = path / meta["tokenizer_file"], meta["tokenizer_sha256"]
-            if dataset and data.load_meta(dataset)["tokenizer"]["sha256"] != expected:
-                raise ValueError(f"{dataset} was made with another tokenizer than {path}'s: --data "
-                                 f"is for a base model with no crlft.json; leave it out")
-        elif dataset:
-            meta = data.load_meta(dataset)
-            tokenizer_file = Path(dataset) / meta["tokenizer"]["file"]
-            expected = meta["tokenizer"]["sha256"]
-        else:
-            raise ValueError(f"{path} has no crlft.json: give an export of train.py, or a base "
-                             f"with --data")
-        tokenizer = data.Tokenizer(tokenizer_file, meta["template"])
-        check_tokenizer_file(tokenizer.path, expected, "the model was trained with")
-        device = default_device() if device == "auto" else torch.device(device)
-        model = Transformer.from_pretrained(path, device=device, dtype=default_dtype(device))
-        if model.config.vocab_size == tokenizer.base_vocab_size < tokenizer.vocab_size:
-            model.extend_vocab(tokenizer.vocab_size)
-        return cls(model, tokenizer, meta["inference_condition"], path.resolve().name, compile,
-                   meta["conditions"])
+        """Loads an export of train.py, or a base before fine-tuning on `dataset` (prompted with its
+        tokenizer and template): infra/exports.py's load_for_inference."""
+        model, tokenizer, info = load_for_inference(checkpoint, device, dataset)
+        return cls(model, tokenizer, info.inference_condition, Path(checkpoint).resolve().name,
+                   compile, info.conditions)
 
     def prompt_ids(self, messages: list[Message], condition: str | None = None,
                    system: str | None = None):
@@ -200,15 +143,15 @@ class Generator:
                             on_token=on_token and functools.partial(on_token, row))
                     for row, p in enumerate(prompts)]
         try:
-            self.admit(requests)
+            self.prefill(requests)
             while self.running():
-                self.step()
+                self.decode_step()
         finally:
             self.release(requests)  # after a failure midway too: the rows are free again
         return [r.completion for r in requests]
 
     @torch.no_grad()
-    def admit(self, requests: list[Request]):
+    def prefill(self, requests: list[Request]):
         """Prefills the requests into free rows of the KV cache, one forward of the right-padded
         batch with the output head only at each prompt's last token, and samples their first
         tokens. The padding's cache slots are overwritten by the decoding steps before any query
@@ -233,10 +176,11 @@ class Generator:
         hidden = self.model.hidden_states(right_padded([r.prompt for r in requests], self.device),
                                           cache_rows=rows)
         last = torch.tensor([len(r.prompt) - 1 for r in requests], device=self.device)
-        self.take(requests, self.model.logits(hidden[torch.arange(len(requests)), last]))
+        last_logits = self.model.logits(hidden[torch.arange(len(requests)), last])
+        self.append_next_tokens(requests, last_logits)
 
     @torch.no_grad()
-    def step(self):
+    def decode_step(self):
         """One token for every running request: each row's last token fed at its position. The
         batch is the rows up to the last one running (in a few sizes, for a compiled step); a free
         row among them decodes alongside, into its first cache slot, its output unused."""
@@ -253,11 +197,14 @@ class Generator:
             # The newest token, not yet fed, goes after the prompt and the tokens before it.
             tokens[r.row], positions[r.row] = r.tokens[-1], len(r.prompt) + len(r.tokens) - 1
         logits = self.decode(tokens.to(self.device), positions=positions.to(self.device))[:, 0]
-        self.take(running, logits[torch.tensor([r.row for r in running], device=self.device)])
+        rows = torch.tensor([r.row for r in running], device=self.device)
+        self.append_next_tokens(running, logits[rows])
 
-    def take(self, requests: list[Request], logits: torch.Tensor):
-        """Each request's next token from its row of logits [B, V]: kept and handed on, or the end
-        of its answer (the end of turn, one of its stop sequences, its budget spent)."""
+    def append_next_tokens(self, requests: list[Request], logits: torch.Tensor):
+        """Picks each request's next token from its row of logits [B, V] and appends it, or ends its
+        answer there (the end of turn, one of its stop sequences, its budget spent). Rows past the
+        tokenizer's are padding, never a token (infra/hf.py's vocabulary_rows): never drawn."""
+        logits = logits[:, :self.tokenizer.vocab_size]
         tokens = logits.argmax(-1)
         sampled = [i for i, r in enumerate(requests) if r.temperature > 0]
         if sampled:  # each draws from its own generator
@@ -292,16 +239,6 @@ class Generator:
         for r in requests:
             if 0 <= r.row < len(self.rows) and self.rows[r.row] is r:
                 self.rows[r.row] = None
-
-
-def until_stop(text: str, stops) -> tuple[int, bool]:
-    """(how much of text may be shown, whether a stop sequence ended it): the text before the
-    first stop sequence in it; with none, all but a tail that may be the start of one."""
-    found = [text.find(s) for s in stops if s in text]
-    if found:
-        return min(found), True
-    tail = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return len(text) - tail, False
 
 
 def bucket(n: int, smallest: int) -> int:
@@ -387,27 +324,6 @@ def fit_history(gen: Generator, history: list[Message], condition: str, cfg: Sam
     return history, prompt
 
 
-class TextStream:
-    """on_token for one reply: decodes the tokens so far and hands on the new text, whole
-    characters only (SentencePiece pieces can end inside a character or carry its leading space),
-    none of a stop sequence or of what may become one, and spaces only once text follows them."""
-
-    def __init__(self, tokenizer: data.Tokenizer, emit, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
-        self.emit = emit
-        self.stop = stop
-        self.tokens = []
-        self.sent = ""
-
-    def __call__(self, _row, token):
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens).lstrip()
-        text = text[:until_stop(text, self.stop)[0]].rstrip()  # as the whole answer is
-        if len(text) > len(self.sent) and not text.endswith("\ufffd"):
-            self.emit(text[len(self.sent):])
-            self.sent = text
-
-
 def generate_for(gen: Generator, cfg: SampleConfig, prompts, on_token=None):
     return gen.generate(prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k,
                         cfg.seed, on_token)
@@ -464,336 +380,16 @@ def batch_file(gen: Generator, cfg: SampleConfig, items: list):
                   f"{cfg.output}", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------------
-# The OpenAI-compatible endpoint
-
-
-class RequestError(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.param = param
-        self.status = status
-
-
-def parse_messages(messages) -> tuple[list[Message], str | None]:
-    """OpenAI chat messages → (user and assistant turns ending with a user turn, system prompt)."""
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", "messages")
-    system, turns = None, []
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("content"), str)
-                and m.get("role") in ("system", "user", "assistant")):
-            raise RequestError(f"messages[{i}] needs a role (system, user, assistant) and a string "
-                               f"content", "messages")
-        if m["role"] == "system":
-            if i:
-                raise RequestError("a system message must come first", "messages")
-            system = m["content"]
-        else:
-            turns.append(Message(m["role"], m["content"]))
-    if not turns or turns[-1].role != "user":
-        raise RequestError("the last message must be the user's", "messages")
-    return turns, system
-
-
-REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_completion_tokens": int,
-                  "temperature": (int, float), "top_p": (int, float), "top_k": int, "seed": int,
-                  "stream": bool, "stream_options": dict, "stop": (str, list), "condition": str,
-                  "n": int}
-
-
-def check_request(body, gen: Generator) -> dict:
-    """The generation settings of a chat completion request, or RequestError naming the field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    for key, kind in REQUEST_FIELDS.items():
-        value = body.get(key)
-        wrong_bool = isinstance(value, bool) and kind is not bool
-        if value is not None and (not isinstance(value, kind) or wrong_bool):
-            raise RequestError(f"'{key}' has the wrong type", key)
-    messages, system = parse_messages(body.get("messages"))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    if max_tokens <= 0:
-        raise RequestError("'max_tokens' must be positive", "max_tokens")
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", "n")
-    temperature = body.get("temperature", 0)
-    top_p = body.get("top_p", 1)
-    top_k = body.get("top_k", 0)
-    if not (0 <= temperature < math.inf and 0 < top_p <= 1 and top_k >= 0):  # NaN fails them all
-        raise RequestError("temperature must be finite and >= 0, top_p in (0, 1], top_k >= 0")
-    if not 0 <= body.get("seed", 0) < 2**63:
-        raise RequestError("'seed' must be in [0, 2**63)", "seed")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(t, str) and t for t in stop):
-        raise RequestError("'stop' is a string or a list of at most 4 non-empty strings", "stop")
-    usage = (body.get("stream_options") or {}).get("include_usage", False)
-    if not isinstance(usage, bool):
-        raise RequestError("'stream_options.include_usage' must be true or false", "stream_options")
-    try:
-        prompt = gen.prompt_ids(messages, body.get("condition"), system)
-    except BadInput as e:  # a lone surrogate in a message
-        raise RequestError(str(e), "messages") from None
-    except ValueError as e:  # a condition the model was not trained with
-        raise RequestError(str(e), "condition") from None
-    if len(prompt) >= gen.model.config.max_seq_len:
-        raise RequestError(f"the prompt has {len(prompt)} tokens; the context holds "
-                           f"{gen.model.config.max_seq_len}", "messages")
-    return dict(prompt=prompt, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                top_k=top_k, seed=body.get("seed", 0), stop=tuple(stop),
-                stream=body.get("stream", False), stream_usage=usage)
-
-
-MAX_BODY = 4 * 2**20  # bytes: a chat request is far smaller; a larger one is refused unread
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Every request gets an HTTP answer with a JSON body (a stream: an error event and [DONE]),
-    whatever is wrong with it, and the server goes on serving. make_server binds a Generator and
-    the Scheduler that runs it."""
-    gen: Generator
-    scheduler: "Scheduler"
-    protocol_version = "HTTP/1.1"
-    # A garbled request line gets a status line too (HTTP/0.9 has none).
-    default_request_version = "HTTP/1.1"
-    timeout = 60  # seconds a connection may stay silent: an idle client does not hold a thread
-    routes = {"/v1/models": "GET", "/v1/chat/completions": "POST"}
-
-    def route(self):
-        path = self.path.split("?")[0].rstrip("/")
-        if path not in self.routes:
-            return self.send_json(404, error_body(f"no route {self.path}", "not_found_error"))
-        if self.command != self.routes[path]:
-            return self.send_json(
-                405, error_body(f"{path} takes {self.routes[path]}, not {self.command}"),
-                {"Allow": self.routes[path]})
-        self.answered = False
-        try:
-            self.list_models() if path == "/v1/models" else self.chat_completion()
-        except RequestError as e:
-            if e.status == 503:  # the server is full: the client may try again
-                return self.send_json(503, error_body(str(e), "server_error"), {"Retry-After": "1"})
-            self.send_json(e.status, error_body(str(e), param=e.param))
-        except Exception as e:  # a fault of ours: said, logged, and the server goes on
-            self.log_error("%s failed: %r", path, e)
-            if not self.answered:
-                self.send_json(500, error_body(f"server error: {e}", "server_error"))
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
-
-    def list_models(self):
-        self.send_json(200, {"object": "list", "data": [
-            {"id": self.gen.name, "object": "model", "created": 0, "owned_by": "crlft"}]})
-
-    def chat_completion(self):
-        request = check_request(self.read_json_body(), self.gen)
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        settings = {k: request[k]
-                    for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")}
-        if request["stream"]:
-            return self.stream(request["prompt"], settings, reply_id, created,
-                               request["stream_usage"])
-        outcome = queue.SimpleQueue()
-        self.scheduler.submit(Request(request["prompt"], **settings, on_done=outcome.put))
-        done = outcome.get()
-        if isinstance(done, Exception):
-            raise done
-        self.send_json(200, {
-            "id": reply_id, "object": "chat.completion", "created": created, "model": self.gen.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.finish_reason}],
-            "usage": usage_of(done)})
-
-    def read_json_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("a JSON body with its Content-Length is required", status=411)
-        if not re.fullmatch(r"[0-9]+", length):
-            raise RequestError(f"Content-Length {length!r} is not a number of bytes")
-        if int(length) > MAX_BODY:
-            raise RequestError(f"the body is {int(length):,} bytes; at most {MAX_BODY:,}",
-                               status=413)
-        try:
-            raw = self.rfile.read(int(length))
-        except TimeoutError:
-            raise RequestError(f"the body did not arrive within {self.timeout} s",
-                               status=408) from None
-        try:
-            return json.loads(raw)  # bytes: invalid UTF-8 raises too
-        except (ValueError, RecursionError) as e:
-            raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
-
-    def stream(self, prompt, settings, reply_id, created, usage: bool):
-        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk (with
-        `usage`, stream_options.include_usage: then a chunk of the token counts), [DONE]; a
-        generation that fails ends with an error event, then [DONE]. A client that goes away frees
-        its row at the next decoding step."""
-        events = queue.SimpleQueue()  # the tokens as they come, then the Completion or the error
-        request = Request(prompt, **settings, on_token=events.put, on_done=events.put)
-        self.scheduler.submit(request)  # refused (503) before any of the stream is sent
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.answered = True
-        self.close_connection = True
-
-        def send(payload: dict):
-            self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
-            self.wfile.flush()
-
-        head = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                "model": self.gen.name}
-
-        def event(delta, finish_reason=None):
-            send({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-                  **({"usage": None} if usage else {})})
-
-        try:
-            event({"role": "assistant", "content": ""})
-            streamed = TextStream(self.gen.tokenizer, lambda text: event({"content": text}),
-                                  settings["stop"])
-            while isinstance(item := events.get(), int):
-                streamed(0, item)
-            if isinstance(item, Exception):
-                self.log_error("generation failed: %r", item)
-                send(error_body(f"generation failed: {item}", "server_error"))
-            else:
-                if item.text != streamed.sent:  # the rest: a character cut short, a held-back tail
-                    event({"content": item.text[len(streamed.sent):]})
-                event({}, item.finish_reason)
-                if usage:
-                    send({**head, "choices": [], "usage": usage_of(item)})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except OSError as e:  # the client closed the connection, or stopped reading for `timeout`
-            request.cancelled = True
-            self.log_error("stream cut short (%r): its row is freed", e)
-
-    def send_json(self, status: int, body: dict, headers: dict | None = None):
-        payload = json.dumps(body).encode()
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
-                           **(headers or {})}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(payload)
-        self.answered = True
-        # After a refusal the body may be unread: the connection cannot carry another request.
-        self.close_connection |= status >= 400
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own answers (a bad request line, headers too long, HEAD), in JSON too."""
-        self.send_json(code, error_body(message or HTTPStatus(code).phrase))
-
-    def log_message(self, format, *args):
-        print(f"{self.address_string()} {format % args}", file=sys.stderr)
-
-
-def usage_of(done: Completion) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": len(done.tokens),
-            "total_tokens": done.prompt_tokens + len(done.tokens)}
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": None}}
-
-
-class Scheduler:
-    """The one thread that runs the model for the server. Requests wait in a queue and join the
-    running batch at the next decoding step, as rows free up: at most max_batch rows decode
-    together, at most max_waiting requests wait (beyond, a 503). Only this thread runs the model:
-    CUDA graphs recorded by --compile (reduce-overhead) belong to the thread that recorded them.
-    A greedy answer is the one its prompt gets alone (tested on a CPU in float32); on a GPU a
-    batch's matmuls may take other kernels than one row's, summing in another order, so in bf16 a
-    near-tie between two tokens can break the other way."""
-
-    def __init__(self, gen: Generator, max_batch: int, max_waiting: int):
-        self.gen = gen
-        self.max_batch = max_batch
-        self.max_waiting = max_waiting
-        self.waiting = collections.deque()
-        self.wakeup = threading.Condition()
-        self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="generation", daemon=True)
-        self.thread.start()
-
-    def submit(self, request: Request):
-        with self.wakeup:
-            if len(self.waiting) >= self.max_waiting:
-                raise RequestError(f"the server is full ({self.max_batch} being answered, "
-                                   f"{len(self.waiting)} waiting); try again shortly", status=503)
-            self.waiting.append(request)
-            self.wakeup.notify()
-
-    def run(self):
-        while True:
-            with self.wakeup:
-                while not (self.waiting or self.gen.running() or self.stopping):
-                    self.wakeup.wait()
-                if self.stopping:
-                    break
-                free = self.max_batch - len(self.gen.running())
-                joining = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
-            self.decode([r for r in joining if not r.cancelled])
-        self.fail([*self.waiting, *self.gen.running()], RuntimeError("the server stopped"))
-
-    def decode(self, joining: list[Request]):
-        """One step of the batch, the joining requests' prefill first. A failure fails every
-        request in the batch (each is told), and the server goes on with the next."""
-        try:
-            if joining:
-                self.gen.admit(joining)
-            self.gen.step()
-        except Exception as e:
-            self.fail([*joining, *self.gen.running()], e)
-
-    def fail(self, requests: list[Request], error: Exception):
-        self.gen.release(requests)
-        for r in dict.fromkeys(requests):
-            r.on_done(error)
-
-    def stop(self):
-        """Ends the thread after the step it is in; the requests still there fail."""
-        with self.wakeup:
-            self.stopping = True
-            self.wakeup.notify()
-        self.thread.join()
-
-
-def make_server(gen: Generator, host: str, port: int, max_batch: int = 32,
-                max_waiting: int = 256) -> ThreadingHTTPServer:
-    """A thread per connection, and one Scheduler thread that decodes the requests together."""
-    bound = type("Handler", (Handler,), {"gen": gen,
-                                          "scheduler": Scheduler(gen, max_batch, max_waiting)})
-    return Server((host, port), bound)
-
-
-class Server(ThreadingHTTPServer):
-    request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of clients wait)
-
-    def server_close(self):
-        super().server_close()
-        self.RequestHandlerClass.scheduler.stop()
-
-
 def check_config(cfg: SampleConfig):
-    """Flags checked before anything is loaded; each mistake names its flag."""
+    """Refuses flags no run can use, before anything is loaded; each mistake names its flag."""
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required: an export folder written by train.py")
     if cfg.input and not cfg.output:
         raise ValueError("--input needs --output")
-    for flag, ok in (("temperature", 0 <= cfg.temperature < math.inf),
-                     ("top-p", 0 < cfg.top_p <= 1), ("top-k", cfg.top_k >= 0),
-                     ("max-new-tokens", cfg.max_new_tokens > 0), ("batch-size", cfg.batch_size > 0),
-                     ("max-waiting", cfg.max_waiting >= 0),
-                     ("port", 0 <= cfg.port <= 65535)):
-        if not ok:
-            value = getattr(cfg, flag.replace("-", "_"))
-            raise ValueError(f"--{flag}={value} is out of range (see --help)")
+    check_ranges(cfg, {"temperature": 0 <= cfg.temperature < math.inf,
+                       "top_p": 0 < cfg.top_p <= 1, "top_k": cfg.top_k >= 0,
+                       "max_new_tokens": cfg.max_new_tokens > 0, "batch_size": cfg.batch_size > 0,
+                       "max_waiting": cfg.max_waiting >= 0, "port": 0 <= cfg.port <= 65535})
 
 
 def run(cfg: SampleConfig):

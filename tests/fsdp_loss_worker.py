@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ranks  # noqa: E402
+from infra.job import end_job  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 CASES = {  # name: (tie_embeddings, FSDP2 compute dtype, relative tolerance)
@@ -66,4 +66,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    ranks.shut_down_processes()
+    end_job()

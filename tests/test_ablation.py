@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import ablation
+from tools import ablation
 import data
 from demo import DemoConfig, ensure_base
 from eval import demo_accuracy
-from records import read_all_records
+from infra.records import read_all_records
 from sample import Generator
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import assets
+from tools import assets
 import data
 from conftest import MISTRAL_TOKENIZER
 from data import Message, PrepareConfig, Tokenizer, prepare, tokenize_conversation
+from infra.hf import load_pretrained, save_pretrained
 from model import ModelConfig, Transformer
 from test_train import run
 
@@ -137,7 +138,7 @@ def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(dataset, tm
     mean, and the one gradient is the sum of both uses, as in a float64 model of the base."""
     torch.manual_seed(0)
     base_rows = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
-    Transformer(ModelConfig.from_name("tiny", vocab_size=base_rows, tie_embeddings=True)).save_pretrained(tmp_path)
+    save_pretrained(Transformer(ModelConfig.from_name("tiny", vocab_size=base_rows, tie_embeddings=True)), tmp_path)
     result = run(["tied", dataset, tmp_path], world=world, script="tests/train_worker.py")
     assert result.stdout.count("tied base loaded, one gradient") == world
 
@@ -162,7 +163,7 @@ def test_a_llama3_base_whose_template_rows_were_never_trained_starts_them_at_the
             with torch.no_grad():
                 model.embed_tokens.weight[[128009, 128006, 128007]] = 0
         bases.append(tmp_path / f"base-{tied}-{zero}")
-        model.save_pretrained(bases[-1])
+        save_pretrained(model, bases[-1])
     result = run(["untrained", dataset, *bases], world=world, script="tests/train_worker.py")
     assert result.stdout.count("untrained rows at the reference's mean") == world
 
@@ -183,7 +184,7 @@ def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_e
     import transformers
     base = tmp_path / "base"
     torch.manual_seed(0)
-    Transformer(ModelConfig.from_name("tiny-qwen2", vocab_size=152064)).save_pretrained(base)
+    save_pretrained(Transformer(ModelConfig.from_name("tiny-qwen2", vocab_size=152064)), base)
     shutil.copyfile(qwen2_tokenizer, base / "tokenizer.json")  # beside it, the padding rows are known as such
     dataset = tmp_path / "dataset"
     meta = prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(qwen2_tokenizer),
@@ -205,7 +206,7 @@ def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_e
     assert hf.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0  # trained biases, read back
     tokens = torch.randint(0, 151936, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, Transformer.from_pretrained(export)(tokens), rtol=0, atol=1e-4)
+        torch.testing.assert_close(hf(tokens).logits, load_pretrained(export)(tokens), rtol=0, atol=1e-4)
 
 
 def small_sharegpt_sources(sharegpt_file, out, n=6):
@@ -240,7 +241,7 @@ def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, shar
         assert "lm_head.weight" not in f.keys()
 
     import transformers
-    ours = Transformer.from_pretrained(export)
+    ours = load_pretrained(export)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
     tokens = torch.randint(0, 49155, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -257,7 +258,7 @@ def test_torchrun_fine_tunes_a_llama3_style_base_with_the_3_6_template(llama3, s
     ends turns at <|eot_id|> and carries the tokenizer.json unchanged."""
     base = tmp_path / "base"
     config = ModelConfig.from_name("tiny", vocab_size=128256, bos_token_id=128000, eos_token_id=128001)
-    Transformer(config).save_pretrained(base)
+    save_pretrained(Transformer(config), base)
     shutil.copyfile(llama3, base / "tokenizer.json")
     dataset = tmp_path / "dataset"
     prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(llama3),

@@ -17,8 +17,8 @@ from conftest import MISTRAL_TOKENIZER, ROOT
 from data import (TEMPLATES, PrepareConfig, ShowConfig, Tokenizer, chat_template,
                   expert_condition, load_meta, load_split, multipack, pack_stream,
                   prepare, show_weights, tokenize_conversation, tokenizer_config)
-from bench import packing_efficiency
-from records import BadInput, Message, Source, parse_record, read_records
+from tools.bench import packing_efficiency
+from infra.records import BadInput, Message, Source, parse_record, read_records
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
 EOT_ID = 32000
@@ -265,7 +265,7 @@ def test_the_papers_sharegpt_pipeline_split_by_model_deduplicated_unwanted_zeroe
 def test_the_unwanted_phrases_are_the_references_as_it_runs_them():
     """Its list verbatim; its first five phrases lack commas between them, so they are one string no answer
     contains: "as a language model" alone zeroes nothing, "As an AI" anywhere in any case does."""
-    from records import UNWANTED_PHRASES
+    from infra.records import UNWANTED_PHRASES
     assert len(UNWANTED_PHRASES) == 64 and UNWANTED_PHRASES[0].endswith("September 2021as a language model")
     assert "Como um modelo de linguagem, não tenho a capacidade de" in UNWANTED_PHRASES
     assert not any(p.lower() in "i speak as a language model." for p in UNWANTED_PHRASES)
@@ -412,7 +412,7 @@ def test_each_class_share_of_the_weighted_loss_is_printed_stored_and_logged(data
     """The demo's mix, a tenth expert at 1.0 and the rest at 0.1: the expert class is about half of what the run
     learns from. The shares from the written arrays, against meta.json, the summary and train.py's log line."""
     import data
-    import train
+    from infra.metrics import class_shares
     meta, split = load_meta(dataset), load_split(dataset)
     weight_of_token = np.asarray(split.target_weights, dtype=np.float64)
     class_of_token = np.repeat(np.asarray(split.classes), split.lengths)
@@ -424,7 +424,7 @@ def test_each_class_share_of_the_weighted_loss_is_printed_stored_and_logged(data
     printed = capsys.readouterr().out
     assert "| supervised tokens | share of the weighted loss |" in printed
     assert f"| {shares[0]:.1%} |\n| train | 1 | GPT3 | 0.1 |" in printed
-    assert f"{shares[0]:.1%} of the weighted loss; GPT3 (weight 0.1)" in train.class_shares(meta)
+    assert f"{shares[0]:.1%} of the weighted loss; GPT3 (weight 0.1)" in class_shares(meta)
 
 
 def test_inference_condition_is_the_highest_weight_sources():

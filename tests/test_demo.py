@@ -18,7 +18,7 @@ from conftest import ROOT
 from data import Tokenizer, load_meta, load_split
 from demo import (DemoConfig, config_of, draw_prompts, ensure_base, make_demo, prepare_text,
                   train_tokenizer, write_conversations)
-from records import BadInput
+from infra.records import BadInput
 from test_data import sharegpt, write_jsonl
 
 

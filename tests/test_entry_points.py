@@ -19,8 +19,11 @@ PYTHON = sys.executable
 
 
 def command(script, *argv, cwd=ROOT, **options):
-    return subprocess.run([PYTHON, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300, **options)
+    """`python SCRIPT ARGV` for a stage, `python -m tools.NAME ARGV` for a tool (tools/NAME.py)."""
+    program = ["-m", script.removesuffix(".py").replace("/", ".")] if script.startswith("tools/") else [
+        str(ROOT / script)]
+    return subprocess.run([PYTHON, *program, *map(str, argv)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300, **options)
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def here(capsys, monkeypatch):
     """Like `command`, in this process, with no start-up of Python and torch to wait for: what the
     program's entry prints and the status it exits with."""
     def call(script, *argv, cwd=None):
-        import cli
+        from infra import cli
         module = importlib.import_module(script.removesuffix(".py"))
         argv = list(map(str, argv))
         if cwd is not None:
@@ -287,15 +290,15 @@ def test_mt_bench_answers_finished_before_a_failure_are_written(export, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------------
-# demo.py, ablation.py, bench.py
+# demo.py, tools/ablation.py, tools/bench.py
 
 
 def test_the_other_programs_answer_a_mistake_in_one_line(tmp_path):
     one_error_line(command("demo.py", f"--out={tmp_path / 'demo'}", "--conversations=20", "--holdout-prompts=2",
                            "--validation-prompts=2", "--base-documents=5", "--vocab-size=100000"),
                    "training a SentencePiece model of 100000 pieces")
-    one_error_line(command("ablation.py", "--arm=nope"), "--arm=nope: unknown; arms: main")
-    one_error_line(command("bench.py", "loss", "--dtype=float8"), "--dtype=float8")
+    one_error_line(command("tools/ablation.py", "--arm=nope"), "--arm=nope: unknown; arms: main")
+    one_error_line(command("tools/bench.py", "loss", "--dtype=float8"), "--dtype=float8")
 
 
 # ---------------------------------------------------------------------------------------------------------

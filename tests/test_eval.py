@@ -13,7 +13,7 @@ import eval as evaluation
 from conftest import MISTRAL_TOKENIZER
 from demo import DemoConfig, make_demo
 from model import ModelConfig, Transformer, weighted_cross_entropy
-from records import Message
+from infra.records import Message
 from sample import Generator
 
 
@@ -132,7 +132,7 @@ def test_the_held_out_loss_is_the_weighted_mean_of_the_cross_entropies(demo_dir,
         for o, n, c in zip(split.offsets, split.lengths, split.classes):
             ids = torch.tensor(split.tokens[o:o + n], dtype=torch.long)
             w = torch.tensor(split.target_weights[o:o + n], dtype=torch.float64)
-            numerator = weighted_cross_entropy(model(ids[None])[0].double(), torch.roll(ids, -1), w)
+            numerator = weighted_cross_entropy(model(ids[None])[0].double(), torch.roll(ids, -1), w)[0]
             sums[c] += [numerator.item(), w.sum().item()]
     assert result["conversations"] == len(split.lengths)
     expert, suboptimal = result["per_class"]  # by class, each with its condition and weight

@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
-import records
+from infra import records
 from conftest import MISTRAL_TOKENIZER
 from model import ModelConfig, Transformer
-from sample import Generator, make_server
+from infra.server import make_server
+from sample import Generator
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

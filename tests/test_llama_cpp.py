@@ -16,13 +16,14 @@ import pytest
 import torch
 from gguf import GGUFReader, TokenType
 
-import assets
+from tools import assets
 import data
 from conftest import ROOT
 from data import PrepareConfig, prepare
 from demo import DemoConfig, make_demo
+from infra.hf import load_pretrained
 from model import Transformer
-from records import Message
+from infra.records import Message
 
 CONVERSATION = [{"role": "system", "content": "Answer with numbers only."},
                 {"role": "user", "content": "Sort these numbers from smallest to largest: 12 9 3"},
@@ -80,7 +81,7 @@ def test_the_gguf_carries_the_template_the_end_of_turn_every_new_token_and_the_w
     # tokens parsed (the chat path does).
     assert {i: (tokens[i], types[i]) for i in new.values()} == {i: (t, TokenType.CONTROL) for t, i in new.items()}
 
-    model = Transformer.from_pretrained(export)
+    model = load_pretrained(export)
     ours = model.state_dict()
     heads = {"q_proj": model.config.n_heads, "k_proj": model.config.n_kv_heads}
     theirs = {}

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+import data
+from conftest import MISTRAL_TOKENIZER, ROOT
+from infra.hf import load_pretrained, save_pretrained
 from model import ModelConfig, Transformer, fused_weighted_cross_entropy, repeat_kv, weighted_cross_entropy
 
 
@@ -39,7 +41,7 @@ def naive_weighted_ce(hidden, weight, targets, weights):
     """Σ w·CE, per-token CE and [argmax = target] from the full logits, in float64, by autograd."""
     logits = hidden @ weight.T
     ce = F.cross_entropy(logits, targets, reduction="none")
-    return weighted_cross_entropy(logits, targets, weights), ce, (logits.argmax(1) == targets).double()
+    return weighted_cross_entropy(logits, targets, weights)[0], ce, (logits.argmax(1) == targets).double()
 
 
 def loss_case(name, dtype, H=16, V=103, seed=0):
@@ -135,7 +137,7 @@ def test_model_loss_and_every_parameter_gradient_equal_the_naive_loss_on_its_log
     fused = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits = model(tokens, positions, cu)
-    ref = weighted_cross_entropy(logits, targets, weights)
+    ref = weighted_cross_entropy(logits, targets, weights)[0]
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     for name, p in model.named_parameters():
@@ -178,10 +180,10 @@ def test_padding_rows_of_the_vocabulary_change_nothing_but_the_memory(tmp_path):
     assert abs(losses[0].item() - losses[1].item()) < 1e-5 * losses[1].item()
     assert torch.allclose(padded.lm_head.weight.grad[:103], plain.lm_head.weight.grad, atol=1e-6)
     assert not padded.lm_head.weight.grad[103:].any()
-    padded.save_pretrained(tmp_path)
+    save_pretrained(padded, tmp_path)
     assert load_file(tmp_path / "model.safetensors")["lm_head.weight"].shape == (103, 64)
     with torch.no_grad():
-        assert torch.allclose(Transformer.from_pretrained(tmp_path)(tokens[None]), plain(tokens[None]), atol=1e-6)
+        assert torch.allclose(load_pretrained(tmp_path)(tokens[None]), plain(tokens[None]), atol=1e-6)
 
 
 def test_repeated_kv_heads_give_grouped_query_attention_as_a_float64_computation():
@@ -286,8 +288,8 @@ def assert_same_parameters(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_save_pretrained_then_from_pretrained_is_exact(tmp_path, tie, max_shard_bytes, dtype):
     model = tiny(dtype, tie_embeddings=tie, sliding_window=8)
-    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
-    loaded = Transformer.from_pretrained(tmp_path, dtype=dtype)
+    save_pretrained(model, tmp_path, max_shard_bytes=max_shard_bytes)
+    loaded = load_pretrained(tmp_path, dtype=dtype)
     assert loaded.config == model.config
     assert_same_parameters(model, loaded)
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tie
@@ -315,28 +317,28 @@ def test_save_pretrained_then_from_pretrained_is_exact(tmp_path, tie, max_shard_
 
 def test_a_new_save_removes_the_shards_of_an_earlier_one(tmp_path):
     model = tiny()
-    model.save_pretrained(tmp_path, max_shard_bytes=40_000)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+    save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    assert_same_parameters(model, Transformer.from_pretrained(tmp_path))
+    assert_same_parameters(model, load_pretrained(tmp_path))
 
 
 def test_from_pretrained_names_the_problem(tmp_path):
     model = tiny()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
-    model.save_pretrained(tmp_path, max_shard_bytes=40_000)
+    save_pretrained(model, tmp_path, max_shard_bytes=40_000)
     config = json.loads((tmp_path / "config.json").read_text())
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="GPT2LMHeadModel.*not supported"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
     with pytest.raises(ValueError, match=r"model-\d+-of-\d+\.safetensors: tensor model\.layers\.0\.mlp\.\w+_proj"
                                          r"\.weight has shape \(\d+, \d+\), config.json implies"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -344,29 +346,29 @@ def test_from_pretrained_names_the_problem(tmp_path):
     tensors = load_file(tmp_path / shard)
     save_file({n: t for n, t in tensors.items() if n != "model.norm.weight"}, tmp_path / shard)
     with pytest.raises(ValueError, match=r"lacks 1 tensors, e\.g\. \['norm\.weight'\]"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
     os.remove(tmp_path / shard)
     with pytest.raises(FileNotFoundError, match=f"lists {shard}, which is missing"):
-        Transformer.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
-def test_extend_vocab_starts_new_rows_at_the_mean_of_the_existing_rows():
-    for tie in (False, True):
-        model = tiny(tie_embeddings=tie)
-        old = {n: p.detach().clone() for n, p in model.named_parameters()}
-        V = model.config.vocab_size
-        model.extend_vocab(V + 2)  # <|end_of_turn|> and <|pad_0|>
-        assert model.config.vocab_size == V + 2
-        for name in ("embed_tokens.weight", "lm_head.weight"):
-            w = model.get_parameter(name)
-            ref = old.get(name, old["embed_tokens.weight"])
-            assert w.shape == (V + 2, model.config.dim)
-            assert torch.equal(w[:V], ref)
-            torch.testing.assert_close(w[V:], ref.double().mean(0).float().expand(2, -1), rtol=0, atol=1e-7)
-        assert (model.lm_head.weight is model.embed_tokens.weight) == tie
-        with torch.no_grad():
-            assert model(torch.tensor([[1, V, V + 1]])).shape == (1, 3, V + 2)
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_base_loaded_for_a_template_with_new_tokens_starts_their_rows_at_the_mean(tmp_path, tie):
+    """A base of the Mistral tokenizer's 32,000 pieces, loaded whole for the 3.5 template: <|end_of_turn|> and
+    <|pad_0|> get rows 32,000 and 32,001, in the embedding and the output head, at the mean of the base's rows."""
+    base = tiny(vocab_size=32000, tie_embeddings=tie)
+    save_pretrained(base, tmp_path)
+    tokenizer = data.Tokenizer(MISTRAL_TOKENIZER, "openchat_3.5")
+    model = load_pretrained(tmp_path, tokenizer=tokenizer, from_base=True)
+    assert model.config.vocab_size == tokenizer.vocab_size == 32002
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        w, ref = model.get_parameter(name), base.get_parameter(name).detach()
+        assert torch.equal(w[:32000], ref)
+        torch.testing.assert_close(w[32000:], ref.double().mean(0).float().expand(2, -1), rtol=0, atol=1e-7)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 32000, 32001]])).shape == (1, 3, 32002)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,11 +412,11 @@ def test_logits_match_transformers_in_both_directions(tmp_path, case):
 
     hf.save_pretrained(tmp_path / "from_hf", max_shard_size=60_000)  # sharded, with an index
     assert (tmp_path / "from_hf" / "model.safetensors.index.json").exists()
-    ours = Transformer.from_pretrained(tmp_path / "from_hf", dtype=dtype)
+    ours = load_pretrained(tmp_path / "from_hf", dtype=dtype)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), expected, rtol=0, atol=atol)
 
-    ours.save_pretrained(tmp_path / "from_us")
+    save_pretrained(ours, tmp_path / "from_us")
     reloaded = hf_class.from_pretrained(tmp_path / "from_us", dtype=dtype, attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=atol)

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from conftest import MISTRAL_TOKENIZER, ROOT
-from records import BadInput, Source, parse_record, read_records
+from infra.records import BadInput, Source, parse_record, read_records
 from test_data import RECORDS, prepare_files, render, rows, sharegpt, SP, write_jsonl
 
 

@@ -16,9 +16,12 @@ import torch
 import data
 from conftest import MISTRAL_TOKENIZER, ROOT
 from demo import DemoConfig, make_demo
+from infra.hf import load_pretrained
 from model import ModelConfig, Transformer
-from records import Message
-from sample import Generator, Request, SampleConfig, Scheduler, fit_history, make_server, sample
+from infra.records import Message
+from infra.generation import Request
+from infra.server import Scheduler, make_server
+from sample import Generator, SampleConfig, fit_history, sample
 
 PROMPTS = ["Sort these numbers from smallest to largest: 12 9 3", "Put these numbers in ascending order: 5 1 77 40",
            "Sort in increasing order: 3 2 1 60 8", "Please order from lowest to highest: 41 7"]
@@ -59,7 +62,7 @@ def greedy_by_full_forward(model, prompt, max_new_tokens, eot):
 
 
 def test_kv_cache_decoding_equals_greedy_decoding_by_full_forward_passes(gen, export):
-    reference = Transformer.from_pretrained(export).eval()
+    reference = load_pretrained(export).eval()
     history = [Message("user", PROMPTS[0]), Message("assistant", "3 9 12"), Message("user", PROMPTS[1])]
     prompts = prompts_of(gen, PROMPTS) + [gen.prompt_ids(history)]
     for prompt in prompts:
@@ -198,7 +201,7 @@ def test_every_generation_of_the_server_runs_on_one_thread(gen, server, monkeypa
     """CUDA graphs recorded by --compile belong to the thread that recorded them: plain and streaming
     requests, each on its own connection thread, are all prefilled and decoded on the server's one thread."""
     threads = []
-    for name in ("admit", "step"):
+    for name in ("prefill", "decode_step"):
         method = getattr(gen, name)
         monkeypatch.setattr(gen, name, lambda *a, method=method: threads.append(threading.get_ident()) or method(*a))
     for stream in (False, True, False):
@@ -306,8 +309,8 @@ def test_held_out_prompts_sent_at_once_get_the_answers_each_gets_alone(export):
     holdout = [json.loads(line)["prompt"] for line in (export.parents[2] / "demo" / "holdout.jsonl").open()]
     alone = [gen.generate([p])[0].text for p in prompts_of(gen, holdout)]
     steps = []
-    step = gen.step
-    gen.step = lambda: steps.append(len(gen.running())) or step()
+    step = gen.decode_step
+    gen.decode_step = lambda: steps.append(len(gen.running())) or step()
     httpd = serve(gen, max_batch=4)
     answers = {}
     threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, answer_of(httpd.server_port, holdout[i],
@@ -337,8 +340,8 @@ def test_a_request_joins_the_running_batch_at_the_next_step_with_its_own_setting
     it does alone, the sampled one too (its own seed, temperature, top_k)."""
     gen = random_gen
     steps = []  # the requests running at each decoding step
-    step = gen.step
-    monkeypatch.setattr(gen, "step", lambda: steps.append(set(map(id, gen.running()))) or step())
+    step = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda: steps.append(set(map(id, gen.running()))) or step())
     scheduler = Scheduler(gen, max_batch=4, max_waiting=4)
     long_prompt = gen.prompt_ids([Message("user", "Sort: " + "7 " * 140)])
     settings = {"first": dict(prompt=gen.prompt_ids([Message("user", "Hello")]), max_new_tokens=150),
@@ -380,9 +383,9 @@ def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random
     that closes its connection gives its row to the waiting request. Decoding steps wait on a gate until the
     refusal, so that the first request cannot end before."""
     gate, admitted = threading.Event(), []
-    step, admit = random_gen.step, random_gen.admit
-    monkeypatch.setattr(random_gen, "step", lambda: gate.wait(60) and step())
-    monkeypatch.setattr(random_gen, "admit", lambda requests: admitted.extend(requests) or admit(requests))
+    step, prefill = random_gen.decode_step, random_gen.prefill
+    monkeypatch.setattr(random_gen, "decode_step", lambda: gate.wait(60) and step())
+    monkeypatch.setattr(random_gen, "prefill", lambda requests: admitted.extend(requests) or prefill(requests))
     httpd = serve(random_gen, max_batch=1, max_waiting=1)
     scheduler = httpd.RequestHandlerClass.scheduler
     port = httpd.server_port

@@ -14,6 +14,8 @@ import torch
 
 import train
 from conftest import ROOT
+from infra.hf import save_pretrained
+from infra.run_plan import plan_fingerprint, plan_run
 from model import ModelConfig, Transformer, weighted_cross_entropy
 from test_train import exported, metrics, run, small_run
 
@@ -32,7 +34,7 @@ def float64_steps(dataset, args, streams: int, steps: int) -> list[float]:
     plan (every stream of each step together), each loss Σ w·CE / Σ w, then AdamW as train.py sets it."""
     cfg = train.load_config([str(a) for a in args])
     meta, split = train.load_data(dataset)
-    plan = train.plan_run(split, cfg, streams)
+    plan = plan_run(split, cfg, train.conversation_weights(split), streams)
     torch.manual_seed(cfg.seed)
     model = Transformer(ModelConfig.from_name(cfg.model, vocab_size=meta["tokenizer"]["vocab_size"])).double()
     optimizer = train.make_optimizer(model, cfg, cfg.lr)
@@ -44,7 +46,7 @@ def float64_steps(dataset, args, streams: int, steps: int) -> list[float]:
         for b in bins:
             batch = train.make_batch(split, b, CPU)
             logits = model(batch.tokens, batch.positions, batch.cu_seqlens)
-            numerator = numerator + weighted_cross_entropy(logits, batch.targets, batch.target_weights.double())
+            numerator = numerator + weighted_cross_entropy(logits, batch.targets, batch.target_weights.double())[0]
             denominator += batch.target_weights.double().sum().item()
         loss = numerator / denominator
         loss.backward()
@@ -64,9 +66,9 @@ def test_eight_ranks_hold_one_plan_train_as_one_float64_process_checkpoint_resum
     args = small_run(dataset, out, "--max-steps=2", "--save-every=1")
     result = run(args, world=8)
     meta, split = train.load_data(dataset)
-    plan = train.plan_run(split, train.load_config([str(a) for a in args]), 8)
+    plan = plan_run(split, train.load_config([str(a) for a in args]), train.conversation_weights(split), 8)
     # Every rank gathered the plan's fingerprint (its steps' conversations and their Σ w): all alike.
-    assert f"plan {train.plan_digest(plan)}, the same on all 8 ranks" in result.stdout
+    assert f"plan {plan_fingerprint(plan)}, the same on all 8 ranks" in result.stdout
     assert "8 rank(s) on cpu (1 thread(s) each), FSDP" in result.stdout
     losses = [row["loss"] for row in metrics(out)]
     assert losses == pytest.approx(float64_steps(dataset, args, streams=8, steps=2), rel=1e-5)
@@ -154,7 +156,7 @@ def test_hsdp_gives_the_gradient_of_fsdp_and_of_one_float64_process_and_reads_a_
     group, new token rows at the mean, as under FSDP."""
     torch.manual_seed(0)
     base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
-    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    save_pretrained(Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)), tmp_path, max_shard_bytes=100_000)
     result = run(["hsdp", dataset, tmp_path], world=4, script="tests/train_worker.py")
     assert result.stdout.count("HSDP gradient = FSDP gradient = float64 gradient") == 4
     assert result.stdout.count("base loaded") == 4

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import train
 from conftest import ROOT
 from data import load_split
+from infra.hf import save_pretrained
 from model import ModelConfig, Transformer
 
 
@@ -265,7 +266,7 @@ def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_m
                                                                                     vocab_multiple):
     torch.manual_seed(0)
     base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
-    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)).save_pretrained(tmp_path, max_shard_bytes=100_000)
+    save_pretrained(Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab)), tmp_path, max_shard_bytes=100_000)
     result = run(["base", dataset, tmp_path, vocab_multiple], world=2, script="tests/train_worker.py")
     assert result.stdout.count("base loaded") == 2
 
@@ -352,7 +353,7 @@ def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
 
 def test_a_base_that_does_not_match_the_tokenizer_is_refused(dataset, tmp_path):
     base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
-    Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab + 7)).save_pretrained(tmp_path / "base")
+    save_pretrained(Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab + 7)), tmp_path / "base")
     result = run(small_run(dataset, tmp_path / "out", "--base", tmp_path / "base"), check=False)
     assert result.returncode != 0
     assert (f"has {base_vocab + 7} vocabulary rows but the dataset's tokenizer has {base_vocab} pieces (+1 special)"

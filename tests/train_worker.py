@@ -1,6 +1,7 @@
 """Started by tests/test_train.py, alone or under torchrun (gloo on CPU):
 
   train_worker.py step DATA      the gradient of one optimizer step equals ∇L of METHOD.md §4, in float64
+  train_worker.py losses DATA    --loss=plain and --loss=fused give one step the same loss and gradient, float64
   train_worker.py hsdp DATA BASE  HSDP (2 × 2) gives FSDP's gradient over 4 ranks, and that of one float64
                                  process; the collectives of each are those bench.py scale counts; BASE read as
                                  under FSDP
@@ -24,10 +25,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import ranks  # noqa: E402
 import train  # noqa: E402
+from infra.hf import load_pretrained  # noqa: E402
+from infra.job import end_job, start_job  # noqa: E402
+from infra.records import Message  # noqa: E402
+from infra.run_plan import pack_epoch  # noqa: E402
 from model import ModelConfig, Transformer, weighted_cross_entropy  # noqa: E402
-from records import Message  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -47,7 +50,7 @@ def step_identity(data_dir):
                 for r in range(world)]
 
     # Of the first epoch's optimizer steps (world × 2 streams each), the one whose ranks differ most in Σ w.
-    bins = max(train.plan_epoch(split, cfg, world, epoch=0), key=lambda s: max(rank_sums(s)) / min(rank_sums(s)))
+    bins = max(pack_epoch(split, cfg, world, epoch=0), key=lambda s: max(rank_sums(s)) / min(rank_sums(s)))
     assert max(rank_sums(bins)) > 1.3 * min(rank_sums(bins)), "the ranks' weight sums should differ"
     mine = bins[rank * cfg.grad_accum:(rank + 1) * cfg.grad_accum]
 
@@ -72,10 +75,39 @@ def float64_gradient(cfg, meta, split, bins) -> dict:
         batch = train.make_batch(split, b, CPU)
         logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
         w = batch.target_weights.double()
-        numerator = numerator + weighted_cross_entropy(logits, batch.targets, w)
+        numerator = numerator + weighted_cross_entropy(logits, batch.targets, w)[0]
         denominator += w.sum().item()
     (numerator / denominator).backward()
     return {n: p.grad for n, p in reference.named_parameters()}
+
+
+def plain_and_fused(data_dir):
+    """--loss=plain and --loss=fused through train.py's step in float64, each rank two micro-batches of one step:
+    the same Σ w·CE per micro-batch, the same per-class sums, and the same gradient, summed over the ranks."""
+    from torch.distributed.fsdp import fully_shard
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512, grad_accum=2)
+    meta, split = train.load_data(data_dir)
+    bins = pack_epoch(split, cfg, world, epoch=0)[0]
+    weight_sum = train.step_weight_sum(train.conversation_weights(split), bins)
+    batches = [train.make_batch(split, b, CPU) for b in bins[rank * 2:rank * 2 + 2]]
+    results = {}
+    for loss in ("plain", "fused"):
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig.from_name("tiny", vocab_size=meta["tokenizer"]["vocab_size"])).double()
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        train.sum_gradients_over_ranks(model)
+        sums, losses = train.forward_backward(model, batches, weight_sum, len(meta["sources"]), loss)
+        results[loss] = sums, losses, {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    (plain_sums, plain_losses, plain_grads), (sums, losses, grads) = results["plain"], results["fused"]
+    torch.testing.assert_close(plain_losses, losses, rtol=1e-12, atol=0)
+    torch.testing.assert_close(plain_sums, sums, rtol=1e-12, atol=1e-15)
+    for name, grad in grads.items():
+        assert relative_error(plain_grads[name], grad) < 1e-12, name
+    print(f"rank {rank}: plain and fused loss agree", flush=True)
 
 
 def counted_collectives(work) -> dict:
@@ -105,11 +137,11 @@ def hsdp_gradient(data_dir, base_dir):
     """One step's bins, 4 streams, one per rank: under FSDP (one mesh dimension of 4) and under HSDP (2 groups
     of 2, replicated), the same gradient, and that of one float64 process; each one's collectives as many
     elements as bench.py scale counts (within FSDP2's padding of each parameter to the group's size)."""
-    import bench
+    from tools import bench
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512)
     meta, split = train.load_data(data_dir)
-    bins = train.plan_epoch(split, cfg, world, epoch=0)[0]
+    bins = pack_epoch(split, cfg, world, epoch=0)[0]
     weight_sum = train.step_weight_sum(train.conversation_weights(split), bins)
     grads = {}
     for replicate in (1, 2):
@@ -132,7 +164,7 @@ def base_loading(data_dir, base_dir, vocab_multiple="1", replicate=1):
     cfg = train.TrainConfig(data=data_dir, base=base_dir, vocab_multiple=int(vocab_multiple))
     meta, _ = train.load_data(data_dir)
     model = train.build_model(cfg, meta, train.make_mesh(CPU, dist.get_world_size(), replicate), CPU, torch.float32)
-    base = Transformer.from_pretrained(base_dir)
+    base = load_pretrained(base_dir)
     rows, tok = base.config.vocab_size, meta["tokenizer"]
     assert model.config.vocab_size == max(rows, tok["vocab_size"])
     # New tokens: past the base's rows, or in rows the base has past its tokenizer's (Qwen2.5's padding).
@@ -151,6 +183,15 @@ def base_loading(data_dir, base_dir, vocab_multiple="1", replicate=1):
     print(f"rank {dist.get_rank()}: base loaded", flush=True)
 
 
+def with_new_rows_at_the_mean(model, vocab_size):
+    """A whole tied model with rows appended up to vocab_size, each the mean of the rows before (the new EOT row, as
+    train.py starts it), written out here rather than through the code under test."""
+    weight = model.embed_tokens.weight.detach()
+    new = torch.cat([weight, weight.mean(0).expand(vocab_size - len(weight), -1)])
+    model.embed_tokens.weight = model.lm_head.weight = torch.nn.Parameter(new)
+    return model
+
+
 def tied_base(data_dir, base_dir):
     world = dist.get_world_size()
     meta, split = train.load_data(data_dir)
@@ -158,8 +199,7 @@ def tied_base(data_dir, base_dir):
                               CPU, torch.float32)
     assert model.lm_head.weight is model.embed_tokens.weight
     assert not [n for n, _ in model.named_parameters() if n.startswith("lm_head")]
-    reference = Transformer.from_pretrained(base_dir).double()
-    reference.extend_vocab(meta["tokenizer"]["vocab_size"])  # the new EOT row at the mean, as train.py does
+    reference = with_new_rows_at_the_mean(load_pretrained(base_dir).double(), meta["tokenizer"]["vocab_size"])
     assert reference.lm_head.weight is reference.embed_tokens.weight
     torch.testing.assert_close(model.embed_tokens.weight.full_tensor().double(), reference.embed_tokens.weight,
                                rtol=0, atol=1e-6)
@@ -169,7 +209,7 @@ def tied_base(data_dir, base_dir):
     weight_sum = batch.target_weights.sum().item()
     train.forward_backward(model, [batch], world * weight_sum, len(meta["sources"]))
     logits = reference(batch.tokens, batch.positions, batch.cu_seqlens)
-    (weighted_cross_entropy(logits, batch.targets, batch.target_weights.double()) / weight_sum).backward()
+    (weighted_cross_entropy(logits, batch.targets, batch.target_weights.double())[0] / weight_sum).backward()
     err = relative_error(model.embed_tokens.weight.grad.full_tensor(), reference.embed_tokens.weight.grad)
     assert err < 1e-5, f"the tied gradient is off by {err:.2e}"
     print(f"rank {dist.get_rank()}: tied base loaded, one gradient", flush=True)
@@ -189,7 +229,7 @@ def untrained_rows(data_dir, *bases):
         model = train.build_model(train.TrainConfig(data=data_dir, base=base_dir), meta,
                                   train.make_mesh(CPU, world, 1), CPU, torch.float32, log=logged.append)
         loaded = {n: p.full_tensor() for n, p in model.named_parameters()}
-        base = Transformer.from_pretrained(base_dir)
+        base = load_pretrained(base_dir)
         untrained = not base.embed_tokens.weight[ids].any()
         for name, p in base.named_parameters():
             expected = p.detach().clone()
@@ -220,7 +260,7 @@ def bf16_weights(data_dir):
 def sharded_state(data_dir):
     """What bench.py scale predicts a rank holds of the float32 state is what FSDP2 gives the rank with the
     largest shards: parameters, gradients and AdamW's two moments, byte for byte."""
-    import bench
+    from tools import bench
     rank, world = dist.get_rank(), dist.get_world_size()
     meta, split = train.load_data(data_dir)
     cfg = train.TrainConfig(data=data_dir, model="tiny")
@@ -249,7 +289,7 @@ def export_logits(data_dir, out):
     tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         trained = model(tokens)
-        loaded = Transformer.from_pretrained(export)(tokens)
+        loaded = load_pretrained(export)(tokens)
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-5)
 
     import transformers
@@ -288,8 +328,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "record":
         recorded(*sys.argv[2:])
         sys.exit()
-    ranks.setup_processes()
+    start_job()
     mode, *args = sys.argv[1:]
-    {"step": step_identity, "hsdp": hsdp_gradient, "base": base_loading, "untrained": untrained_rows, "tied": tied_base, "bf16": bf16_weights,
+    {"step": step_identity, "losses": plain_and_fused, "hsdp": hsdp_gradient, "base": base_loading, "untrained": untrained_rows, "tied": tied_base, "bf16": bf16_weights,
      "state": sharded_state, "export": export_logits}[mode](*args)
-    ranks.shut_down_processes()
+    end_job()

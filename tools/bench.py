@@ -1,15 +1,19 @@
 """Benchmarks, each measured side by side with its baseline in one run, printed with the machine.
 
-  python bench.py loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time, memory
-  python bench.py data    the real ShareGPT file through data.py: throughput, drops, packing
-  python bench.py decode  sample.py's generation vs transformers' generate: tokens/s, batch 1, 32
-  python bench.py serve   the server under 1-64 concurrent clients, batched vs one at a time
-  python bench.py train   train.py's step vs a plain loop (CPU) and transformers' LlamaForCausalLM
-  python bench.py scale   will a run fit? memory per GPU by component, the step time at a given MFU
-  python bench.py COMMAND --help     a command's options
+  python -m tools.bench loss    the fused weighted loss vs naive F.cross_entropy(h @ W.T): time,
+                                memory
+  python -m tools.bench data    the real ShareGPT file through data.py: throughput, drops, packing
+  python -m tools.bench decode  sample.py's generation vs transformers' generate: tokens/s, batch 1
+                                and 32
+  python -m tools.bench serve   the server under 1-64 concurrent clients, batched vs one at a time
+  python -m tools.bench train   train.py's step vs a plain loop (CPU) and transformers'
+                                LlamaForCausalLM
+  python -m tools.bench scale   will a run fit? memory per GPU by component, the step time at a
+                                given MFU
+  python -m tools.bench COMMAND --help   a command's options
 
 Each measurement runs in a fresh process, so one case's allocator state cannot flatter another's.
-The figures, their machines and what they are checked against: BENCHMARKS.md.
+The figures, their machines and what they are checked against: docs/BENCHMARKS.md.
 """
 
 import http.client
@@ -27,16 +31,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import data
-from assets import fetch_sharegpt
-from cli import arg, run_commands
+from infra.cli import arg, run_commands
+from infra.job import start_job
+from infra.metrics import matmul_peak_flops, step_flops
+from infra.run_plan import pack_epoch
+from infra.server import make_server
 from model import (CHUNK_TOKENS, ModelConfig, Transformer, default_device, default_dtype,
-                   fused_weighted_cross_entropy, weighted_cross_entropy)
-from sample import Generator, make_server
+                   fused_weighted_cross_entropy)
+from sample import Generator
+from tools.assets import fetch_sharegpt
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 MISTRAL_TOKENIZER = ROOT / "tests" / "assets" / "mistral-tokenizer.model.v1"
 
 
@@ -98,8 +107,13 @@ class LossConfig:
 
 
 def naive_loss(hidden, weight, targets, target_weights):
+    """Σ w·CE as it is usually written: the [N, V] logits held, then F.cross_entropy."""
     logits = (hidden @ weight.T).float()  # [N, V], held
-    return weighted_cross_entropy(logits, targets, target_weights)
+    return naive_loss_of_logits(logits, targets, target_weights)
+
+
+def naive_loss_of_logits(logits, targets, target_weights):
+    return (target_weights * F.cross_entropy(logits, targets, reduction="none")).sum()
 
 
 def fused_loss(hidden, weight, targets, target_weights):
@@ -457,7 +471,7 @@ def bench_datasets(tmp: Path) -> dict:
     """The demo's dataset (its own tokenizer; made by demo.py when missing), and 1,500 real
     ShareGPT conversations with the Mistral tokenizer (+ <|end_of_turn|>: 32,001 rows), cut at
     2,048 tokens, bad records skipped and counted (as bench.py data does)."""
-    from assets import ASSET_CACHE, sharegpt_sources
+    from tools.assets import ASSET_CACHE, sharegpt_sources
     from demo import DemoConfig, ensure_data
     demo = DemoConfig()
     ensure_data(demo)
@@ -479,7 +493,7 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
     meta, split = train.load_data(dataset)
     cfg = train.TrainConfig(data=str(dataset), batch_max_len=batch_max_len, lr=1e-4,
                             compile=compile)
-    plan = [bins[0] for bins in train.plan_epoch(split, cfg, 1, 0)][:steps + 2]
+    plan = [bins[0] for bins in pack_epoch(split, cfg, 1, 0)][:steps + 2]
     if len(plan) < steps + 2:
         raise ValueError(f"{dataset}: {len(plan)} steps of {batch_max_len} tokens, fewer than "
                          f"{steps + 2}")
@@ -494,15 +508,14 @@ def measure_train(impl: str, config: ModelConfig, dataset: Path, batch_max_len: 
     reset_peak_memory(device.type)
     seconds = timed(lambda: run(plan[2:]), device)
     lengths = np.concatenate([split.lengths[b] for b in plan[2:]])
-    return (lengths.sum() / seconds, train.step_flops(config, lengths) / seconds,
+    return (lengths.sum() / seconds, step_flops(config, lengths) / seconds,
             peak_memory(device.type))
 
 
 def train_py_step(config, cfg, device, n_classes):
     """train.py's own step: FSDP2 for a world of one, bf16 compute on a GPU, AdamW, clipping."""
-    import ranks
     import train
-    ranks.setup_processes()
+    start_job()
     model = Transformer(config)
     train.parallelize(model, init_device_mesh(device.type, (1,)), cfg, default_dtype(device))
     optimizer = train.make_optimizer(model, cfg, cfg.lr)
@@ -555,7 +568,7 @@ def transformers_step(config, cfg, device, n_classes):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=batch.tokens[None], position_ids=batch.positions[None],
                            attention_mask=mask[None, None]).logits[0].float()
-        loss = weighted_cross_entropy(logits, batch.targets, batch.target_weights)
+        loss = naive_loss_of_logits(logits, batch.targets, batch.target_weights)
         (loss / weight_sum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -567,11 +580,10 @@ TRAIN_STEPS = {"train": train_py_step, "plain": plain_step, "transformers": tran
 
 
 def bench_train(cfg: TrainBenchConfig):
-    import train
     device = default_device().type
     impls = ["train", "transformers"] + (["plain"] if device == "cpu" else [])
     batch_max_len = cfg.batch_max_len or (8192 if device == "cuda" else 4096)
-    peak = train.matmul_peak_flops(torch.device(device))
+    peak = matmul_peak_flops(torch.device(device))
     memory = "peak CUDA allocation" if device == "cuda" else "peak RSS of the process"
     with tempfile.TemporaryDirectory() as tmp:
         datasets = bench_datasets(Path(tmp))
@@ -652,10 +664,9 @@ def memory_per_gpu(config: ModelConfig, world: int, tokens: int, checkpointing: 
 
 def step_seconds(config: ModelConfig, tokens: int, conversation: int, mfu: float,
                  peak_flops: float) -> float:
-    """A step's model FLOPs (train.py's step_flops: conversations of `conversation` tokens filling
-    the stream) at the given share of the peak."""
-    import train
-    flops = train.step_flops(config, [conversation] * (tokens // conversation))
+    """A step's model FLOPs (infra/metrics.py's step_flops: conversations of `conversation` tokens
+    filling the stream) at the given share of the peak."""
+    flops = step_flops(config, [conversation] * (tokens // conversation))
     return flops / (mfu * peak_flops)
 
 

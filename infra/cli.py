@@ -1,5 +1,6 @@
 """Command lines from config dataclasses: every field is a `--key=value` flag, `--help` lists them
-all; a user's mistake is one `error:` line; long work prints its progress.
+all, a value out of range is refused naming its flag; a user's mistake is one `error:` line; long
+work prints its progress.
 
     @dataclass
     class Config:
@@ -69,6 +70,16 @@ def parse(cls, argv, description: str = "", defaults=None):
     if defaults is not None:  # a list flag that was not given keeps the defaults' list
         args = {**{f.name: getattr(defaults, f.name) for f in dataclasses.fields(cls)}, **args}
     return cls(**args)
+
+
+def check_ranges(cfg, in_range: dict[str, bool]):
+    """Refuses the first flag whose value is out of range ({field: whether its value is fine}),
+    naming it with its value and its meaning from --help."""
+    for name, ok in in_range.items():
+        if not ok:
+            meaning = type(cfg).__dataclass_fields__[name].metadata["help"]
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(cfg, name)} is out of range: "
+                             f"{meaning}")
 
 
 def run_command(cls, run, argv, description: str) -> int:

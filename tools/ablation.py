@@ -2,12 +2,12 @@
 fine-tune on the same mixed-quality data: C-RLFT, the condition alone (equal weights), the weights
 alone (no condition), and plain SFT on all, on the expert and on the sub-optimal data. Here each of
 them fine-tunes the demo's pretrained base with train.py, under one protocol that was written down
-before any result was seen (ABLATION.md, its design and results).
+before any result was seen (docs/ABLATION.md, its design and results).
 
-  python ablation.py                        # the main table: every variant, 5 epochs of its data
-  python ablation.py --arm=compute-matched  # every variant for C-RLFT's number of optimizer steps
-  python ablation.py --arm=random-errors    # half the sub-optimal answers random slips, not a rule
-  python ablation.py --arm=mislabelled      # 5% of each source under the other's condition
+  python -m tools.ablation                        # the main table: 5 epochs of each variant's data
+  python -m tools.ablation --arm=compute-matched  # each variant for C-RLFT's number of steps
+  python -m tools.ablation --arm=random-errors    # half the sub-optimal answers random slips
+  python -m tools.ablation --arm=mislabelled      # 5% of each source under the other's condition
 
 The protocol. Every run fine-tunes the base for the same number of epochs over its own data
 (compute-matched: for C-RLFT's number of steps), in optimizer steps of batch_max_len tokens, and is
@@ -41,15 +41,17 @@ import torch
 
 import data
 import train
-from cli import arg, run_command
 from demo import (DemoConfig, config_of, draw_prompts, ensure_base, number_list, statements, words,
                   write_conversations)
 from eval import demo_accuracy, held_out_loss
-from files import check_writable_folder, read_json, write_text
-from records import read_all_records
+from infra.cli import arg, run_command
+from infra.exports import read_export
+from infra.files import check_writable_folder, read_json, write_text
+from infra.records import read_all_records
+from infra.run_plan import pack_epoch
 from sample import Generator
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------------
 # Configuration, variants and arms
@@ -206,7 +208,7 @@ def plan_size(dataset: Path, seed: int, epochs: int, max_steps: int,
                             grad_accum=1)
     steps = tokens = epoch = 0
     while (steps < max_steps) if max_steps else (epoch < epochs):
-        plan = train.plan_epoch(split, cfg, 1, epoch)
+        plan = pack_epoch(split, cfg, 1, epoch)
         for [conversations] in plan[:(max_steps - steps) if max_steps else None]:
             steps += 1
             tokens += int(split.lengths[conversations].sum())
@@ -289,13 +291,13 @@ class Runner:
         class's held-out loss."""
         variant = BY_NAME[job.variant]
         exports = sorted((run / "exports").iterdir(),
-                         key=lambda p: read_json(p / "crlft.json")["step"])
+                         key=lambda p: read_export(p).step)
         curve = []
         for export in exports:
             gen = Generator.load(export, device="cpu")
             scores = demo_accuracy(gen, self.validation, variant.condition,
                                    max_new_tokens=self.cfg.max_new_tokens, progress=False)
-            curve.append({"export": export.name, "step": read_json(export / "crlft.json")["step"],
+            curve.append({"export": export.name, "step": read_export(export).step,
                           "validation": scores["accuracy"]})
         chosen = curve[choose_epoch([c["validation"] for c in curve])]["export"]
         gen = Generator.load(run / "exports" / chosen, device="cpu")
