@@ -3,20 +3,24 @@ expected ids), the OpenChat-3.6 template token-exact with the reference trainer,
 tied-embedding bases under FSDP2, and C-RLFT on real pretrained weights (SmolLM2-135M-Instruct) with real
 ShareGPT conversations."""
 
+import http.client
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tools import assets
 import data
-from conftest import MISTRAL_TOKENIZER
+from conftest import MISTRAL_TOKENIZER, ROOT
 from data import Message, PrepareConfig, Tokenizer, prepare, tokenize_conversation
 from infra.hf import load_pretrained, save_pretrained
 from model import ModelConfig, Transformer
+from sample import Generator
 from test_train import run
+from tools import assets
 
 # The reference trainer's own expected ids for its openchat_3.6 template at inference, from Meta-Llama-3-8B's
 # tokenizer (imoneoi/openchat, ochat/tests/test_model_config.py).
@@ -175,30 +179,39 @@ def qwen2_tokenizer(tmp_path_factory):
                                       tmp_path_factory.mktemp("qwen2") / "tokenizer.json")
 
 
-def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_exports_for_transformers(
-        qwen2_tokenizer, sharegpt_file, tmp_path):
+@pytest.fixture(scope="module")
+def qwen2_runs(qwen2_tokenizer, sharegpt_file, tmp_path_factory):
     """A small Qwen2 base (q, k, v biases, rope θ 1e6) with 152,064 rows for its tokenizer's 151,936 tokens, as
-    Qwen2.5's: the 3.5 template's <|end_of_turn|> takes the base's first row past the tokenizer, which starts at
-    the mean of the base's rows (read a slice per rank, 2 ranks); one and two processes train alike; the export is
-    a Qwen2ForCausalLM of the base's shape whose logits transformers reproduces."""
-    import transformers
-    base = tmp_path / "base"
+    Qwen2.5's, prepared for with the 3.5 template and trained 2 steps on 1 and on 2 ranks: (the folder, the
+    dataset, the base)."""
+    tmp = tmp_path_factory.mktemp("qwen2")
+    base = tmp / "base"
     torch.manual_seed(0)
     save_pretrained(Transformer(ModelConfig.from_name("tiny-qwen2", vocab_size=152064)), base)
     shutil.copyfile(qwen2_tokenizer, base / "tokenizer.json")  # beside it, the padding rows are known as such
-    dataset = tmp_path / "dataset"
-    meta = prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp_path), tokenizer=str(qwen2_tokenizer),
+    dataset = tmp / "dataset"
+    meta = prepare(PrepareConfig(source=small_sharegpt_sources(sharegpt_file, tmp), tokenizer=str(qwen2_tokenizer),
                                  template="openchat_3.5", out=str(dataset), max_len=256, truncate=True))
     assert meta["tokenizer"]["special_tokens"]["<|end_of_turn|>"] == 151936  # a row the base has
-    assert run(["base", dataset, base], world=2, script="tests/train_worker.py").stdout.count("base loaded") == 2
-    losses = []
     for world in (1, 2):
-        out = tmp_path / f"run-{world}"
-        run(["--base", base, "--data", dataset, "--out", out, "--batch-max-len=256", "--max-steps=2", "--lr=1e-3",
-             "--log-every=1", "--grad-accum", 3 - world, "--export-dtype=float32"], world=world)
-        losses.append([json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()])
+        run(["--base", base, "--data", dataset, "--out", tmp / f"run-{world}", "--batch-max-len=256",
+             "--max-steps=2", "--lr=1e-3", "--log-every=1", "--grad-accum", 3 - world, "--export-dtype=float32"],
+            world=world)
+    return tmp, dataset, base
+
+
+@pytest.mark.slow
+def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_exports_for_transformers(qwen2_runs):
+    """The 3.5 template's <|end_of_turn|> takes the base's first row past the tokenizer, which starts at the mean of
+    the base's rows (read a slice per rank, 2 ranks); one and two processes train alike; the export is a
+    Qwen2ForCausalLM of the base's shape whose logits transformers reproduces."""
+    import transformers
+    tmp, dataset, base = qwen2_runs
+    assert run(["base", dataset, base], world=2, script="tests/train_worker.py").stdout.count("base loaded") == 2
+    losses = [[json.loads(line)["loss"] for line in (tmp / f"run-{world}" / "metrics.jsonl").read_text().splitlines()]
+              for world in (1, 2)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    [export] = (tmp_path / "run-2" / "exports").iterdir()
+    [export] = (tmp / "run-2" / "exports").iterdir()
     config = json.loads((export / "config.json").read_text())
     assert (config["architectures"], config["vocab_size"], config["eos_token_id"]) == (["Qwen2ForCausalLM"], 152064,
                                                                                        151936)
@@ -207,6 +220,58 @@ def test_a_qwen2_base_with_rows_past_its_tokenizer_trains_on_1_and_2_ranks_and_e
     tokens = torch.randint(0, 151936, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, load_pretrained(export)(tokens), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_qwen2_5_shaped_export_answers_through_sample_py_and_eval_py(qwen2_runs, tmp_path):
+    """The export of a base with rows past its tokenizer's, as a user meets it (once refused by both: "the model has
+    152064 rows, the tokenizer 151938 tokens"): sample.py answers one prompt, a chat and its server, eval.py scores
+    its loss and multiple-choice questions. The padding rows are never drawn, even where their logits are the
+    largest."""
+    tmp, dataset, _ = qwen2_runs
+    [export] = (tmp / "run-1" / "exports").iterdir()
+    gen = Generator.load(export, device="cpu")
+    assert gen.model.config.vocab_size == 152064 > gen.tokenizer.vocab_size
+    prompt = gen.prompt_ids([Message("user", "What is the capital of France?")])
+    [expected] = gen.generate([prompt], max_new_tokens=6)
+    assert max(expected.tokens) < gen.tokenizer.vocab_size
+
+    padding = torch.arange(gen.tokenizer.vocab_size, 152064)
+    logits = gen.model.logits
+    gen.model.logits = lambda x: logits(x).index_fill(-1, padding, 1e4)  # the padding rows' logits the largest
+    [padded] = gen.generate([prompt], max_new_tokens=6)
+    assert padded.tokens and max(padded.tokens) < gen.tokenizer.vocab_size
+
+    def command(script, *argv, **options):
+        result = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300, **options)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    answer = command("sample.py", f"--checkpoint={export}", "--prompt=What is the capital of France?",
+                     "--max-new-tokens=6")
+    assert answer.strip() == expected.text
+    chat = command("sample.py", f"--checkpoint={export}", "--max-new-tokens=6",
+                   input="What is the capital of France?\nAnd of Italy?\n\n")
+    assert chat.count("model> ") == 2 and f"model> {expected.text}\n" in chat
+    loss = command("eval.py", "loss", f"--checkpoint={export}", f"--data={dataset}", "--split=train")
+    assert "| 0 | GPT4 | 1 |" in loss and "| all |" in loss
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"question": "Pick one. A: yes B: no", "options": ["A", "B"],
+                                                   "label": ["A"]}) + "\n")
+    assert "| mc | 1 | 0 |" in command("eval.py", "mc", f"--checkpoint={export}", f"--tasks={tmp_path / 'mc.jsonl'}")
+
+    server = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}", "--serve", "--port=0",
+                               "--max-new-tokens=6"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline().split("http://127.0.0.1:")[1].split("/")[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection.request("POST", "/v1/chat/completions", json.dumps({
+            "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 6}))
+        reply = json.loads(connection.getresponse().read())
+        assert reply["choices"][0]["message"]["content"] == expected.text
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def small_sharegpt_sources(sharegpt_file, out, n=6):

@@ -249,7 +249,7 @@ def test_a_stalled_body_is_answered_408_when_the_socket_times_out(server):
 class FailingGenerator(Generator):
     """A fault injected where generation runs, to see what the client gets."""
 
-    def admit(self, requests):
+    def prefill(self, requests):
         raise RuntimeError("injected fault")
 
 
