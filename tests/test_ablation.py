@@ -16,6 +16,8 @@ from eval import demo_accuracy
 from infra.records import read_all_records
 from sample import Generator
 
+pytestmark = pytest.mark.slow  # the whole file: the full suite only
+
 
 def test_a_run_is_read_at_its_best_validation_epoch_the_earliest_of_equals():
     assert ablation.choose_epoch([0.2, 0.5, 0.4]) == 1

@@ -75,10 +75,12 @@ def test_openchat_3_6_weighs_the_answers_and_their_end_of_turn_only(llama3):
     assert ids == expected and weights == expected_weights
 
 
-@pytest.mark.parametrize("kind", ["sentencepiece", "llama3", "smollm2"])
-def test_special_tokens_typed_in_a_message_stay_text(kind, llama3, smollm2):
-    path, template = {"sentencepiece": (MISTRAL_TOKENIZER, "openchat_3.5"), "llama3": (llama3, "openchat_3.6"),
-                      "smollm2": (smollm2 / "tokenizer.json", "openchat_3.6")}[kind]
+@pytest.mark.parametrize("kind", ["sentencepiece", "llama3", pytest.param("smollm2", marks=pytest.mark.slow)])
+def test_special_tokens_typed_in_a_message_stay_text(kind, request):
+    path, template = {"sentencepiece": (lambda: MISTRAL_TOKENIZER, "openchat_3.5"),
+                      "llama3": (lambda: request.getfixturevalue("llama3"), "openchat_3.6"),
+                      "smollm2": (lambda: request.getfixturevalue("smollm2") / "tokenizer.json", "openchat_3.6")}[kind]
+    path = path()
     tokenizer = Tokenizer(path, template)
     special = set(tokenizer.special_ids.values()) | {tokenizer.bos_id, tokenizer.eos_id}
     if kind != "sentencepiece":  # every special token the tokenizer.json itself has (<|im_end|> in SmolLM2's)
@@ -136,7 +138,7 @@ def test_the_exported_3_6_chat_template_gives_the_reference_ids_through_transfor
 # Tied embeddings, and a real base
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(dataset, tmp_path, world):
     """meta → fully_shard → to_empty → load: the output head is the embedding, the new EOT row starts at the
     mean, and the one gradient is the sum of both uses, as in a float64 model of the base."""
@@ -147,7 +149,7 @@ def test_a_tied_base_keeps_one_parameter_and_one_gradient_under_fsdp(dataset, tm
     assert result.stdout.count("tied base loaded, one gradient") == world
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_llama3_base_whose_template_rows_were_never_trained_starts_them_at_the_references_mean(llama3, tmp_path,
                                                                                                world):
     """Meta's Llama-3-8B base never trained <|eot_id|> and the header tokens (zero rows); the reference sets
@@ -288,6 +290,7 @@ def small_sharegpt_sources(sharegpt_file, out, n=6):
     return [f"GPT4:1.0:{out / 'a.json'}", f"GPT3:0.1:{out / 'b.json'}"]
 
 
+@pytest.mark.slow
 def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, sharegpt_file, tmp_path):
     """The tiny version of REAL_WEIGHTS.md's run: a few steps of train.py from SmolLM2-135M-Instruct (tied
     embeddings, 49,152-token BPE) with the 3.6 template, whose three special tokens are new rows. The export keeps
@@ -317,6 +320,7 @@ def test_c_rlft_on_real_smollm2_weights_and_sharegpt_conversations(smollm2, shar
     assert answer.strip()
 
 
+@pytest.mark.slow
 def test_torchrun_fine_tunes_a_llama3_style_base_with_the_3_6_template(llama3, sharegpt_file, tmp_path):
     """Two ranks, a small random base of Llama-3's shape of vocabulary (128,256 rows, GQA) with the real
     Llama-3 tokenizer beside it: the template's tokens are the base's own, so no rows are added; the export

@@ -193,6 +193,7 @@ def flags(cfg: DemoConfig) -> list[str]:
     return [f"--{name.replace('_', '-')}={value}" for name, value in vars(cfg).items()]
 
 
+@pytest.mark.slow
 def test_python_demo_py_makes_each_stage_once_as_a_user_would_and_scores_the_model(tmp_path, capfd):
     """The data, then train.py as a plain language model (the base: its own vocabulary, no chat template,
     EOS as its end), then train.py's C-RLFT from it (the EOT row added), then eval.py, each command shown

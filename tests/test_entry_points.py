@@ -172,6 +172,7 @@ def test_a_flag_no_run_can_use_is_named_before_anything_starts(tmp_path, here, f
 # sample.py and eval.py: the server, the checkpoint, the prompts, the outputs
 
 
+@pytest.mark.slow
 def test_the_server_that_cannot_listen_says_why(export, here):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -185,6 +186,7 @@ def test_the_server_that_cannot_listen_says_why(export, here):
                    "cannot serve on no-such-host.invalid:8000")
 
 
+@pytest.mark.slow
 def test_a_truncated_safetensors_file_is_named_as_such(export, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(export, broken)
@@ -237,6 +239,7 @@ def test_sample_refuses_a_dataset_of_another_tokenizer_as_eval_does(export, tmp_
                    f"{other} was made with another tokenizer than")
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_file_of_prompts_keeps_the_answers_finished(export, tmp_path):
     prompts, answers = tmp_path / "prompts.jsonl", tmp_path / "answers.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Sort these numbers: {i} {i + 3} 1"}) + "\n"
@@ -293,6 +296,7 @@ def test_mt_bench_answers_finished_before_a_failure_are_written(export, tmp_path
 # demo.py, tools/ablation.py, tools/bench.py
 
 
+@pytest.mark.slow
 def test_the_other_programs_answer_a_mistake_in_one_line(tmp_path):
     one_error_line(command("demo.py", f"--out={tmp_path / 'demo'}", "--conversations=20", "--holdout-prompts=2",
                            "--validation-prompts=2", "--base-documents=5", "--vocab-size=100000"),
@@ -331,6 +335,7 @@ def on_a_full_disk(folder, kilobytes: int, script, *argv):
     return result, "the file passed the limit on a file's size (ulimit -f)", [str(p) for p in folder.rglob("*")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(dataset, export, tmp_path):
     path = tmp_path / "chats.jsonl"
     path.write_text(sharegpt_lines(4000))

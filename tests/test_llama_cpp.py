@@ -25,6 +25,8 @@ from infra.hf import load_pretrained
 from model import Transformer
 from infra.records import Message
 
+pytestmark = pytest.mark.slow  # the whole file: the full suite only
+
 CONVERSATION = [{"role": "system", "content": "Answer with numbers only."},
                 {"role": "user", "content": "Sort these numbers from smallest to largest: 12 9 3"},
                 {"role": "assistant", "content": "3 9 12"},

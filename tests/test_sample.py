@@ -302,6 +302,7 @@ def close(httpd):
     httpd.server_close()  # its generation thread too
 
 
+@pytest.mark.slow
 def test_held_out_prompts_sent_at_once_get_the_answers_each_gets_alone(export):
     """The demo's 20 held-out prompts sent together to a server that decodes 4 at a time: requests join as
     rows free up, and every greedy answer is the one the prompt gets decoded alone."""
@@ -419,6 +420,7 @@ def test_a_full_server_answers_503_and_a_client_that_leaves_frees_its_row(random
 # The command line
 
 
+@pytest.mark.slow
 def test_one_prompt_a_file_of_prompts_and_a_chat_from_the_command_line(gen, export, tmp_path):
     [expected] = gen.generate(prompts_of(gen, PROMPTS[:1]))
     run = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--checkpoint={export}", f"--prompt={PROMPTS[0]}"],
@@ -461,6 +463,7 @@ def test_a_chat_that_outgrows_the_context_forgets_its_oldest_exchanges_and_says_
     assert prompt is None and history == []  # a message longer than the context alone is not sent
 
 
+@pytest.mark.slow
 def test_a_users_mistake_is_one_error_line_in_sample_and_eval(export):
     cases = [(["sample.py", "--checkpoint=/nonexistent", "--prompt=hi"], "error: /nonexistent has no crlft.json"),
              (["eval.py", "demo", "--checkpoint=/nonexistent"], "error: /nonexistent has no crlft.json"),

@@ -19,6 +19,8 @@ from infra.run_plan import plan_fingerprint, plan_run
 from model import ModelConfig, Transformer, weighted_cross_entropy
 from test_train import exported, metrics, run, small_run
 
+pytestmark = pytest.mark.slow  # the whole file: the full suite only
+
 CPU = torch.device("cpu")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

@@ -41,7 +41,8 @@ def test_tokenizer_pieces_never_join_a_number_to_punctuation_or_letters(tmp_path
             assert text.startswith("GPT") or numeric == [f"▁{n}"], (text, pieces)
 
 
-@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "gpt-2"])
+@pytest.mark.parametrize("name", ["llama-bpe", pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("gpt-2", marks=pytest.mark.slow)])
 def test_tokenizer_json_gives_llama_cpp_expected_ids(name, llama3, tmp_path_factory):
     """llama.cpp's test texts (accents, emoji, code, runs of spaces and newlines) through data.Tokenizer give
     the ids llama.cpp recorded from each family's reference tokenizer. For Llama-3 the tokenizer is ours, made

@@ -71,6 +71,23 @@ def test_a_step_gradient_is_exactly_that_of_the_global_weighted_mean_across_rank
     assert result.stdout.count("normalisation identity holds") == 2
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_plain_and_the_fused_loss_give_a_step_the_same_loss_and_gradient(dataset, world):
+    """--loss=plain (the formula over the full logits) and --loss=fused, in float64: one step's Σ w·CE of each
+    micro-batch, its per-class sums and its gradient, summed over the ranks, agree to 1e-12."""
+    result = run(["losses", dataset], world=world, script="tests/train_worker.py")
+    assert result.stdout.count("plain and fused loss agree") == world
+
+
+def test_train_py_trains_with_the_plain_loss_as_with_the_fused_one(dataset, tmp_path):
+    run(small_run(dataset, tmp_path / "fused", "--max-steps=3"))
+    run(small_run(dataset, tmp_path / "plain", "--max-steps=3", "--loss=plain"))
+    for fused, plain in zip(metrics(tmp_path / "fused"), metrics(tmp_path / "plain"), strict=True):
+        assert plain["loss"] == pytest.approx(fused["loss"], rel=1e-5)
+        assert plain["accuracy"] == pytest.approx(fused["accuracy"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_one_process_and_two_processes_train_alike(dataset, tmp_path):
     """1 rank × 2 micro-batches and 2 ranks × 1 micro-batch see the same streams in every step."""
     run(small_run(dataset, tmp_path / "one", "--grad-accum=2", "--max-steps=5"))
@@ -116,6 +133,7 @@ def test_the_automatic_learning_rate_reads_s_as_the_reference_does(dataset, tmp_
     assert f"peak lr {expected:.3g};" in result.stdout
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_nothing_but_memory(dataset, tmp_path):
     run(small_run(dataset, tmp_path / "plain", "--max-steps=3"))
     run(small_run(dataset, tmp_path / "checkpointed", "--max-steps=3", "--activation-checkpointing"))
@@ -127,6 +145,7 @@ def test_activation_checkpointing_changes_nothing_but_memory(dataset, tmp_path):
 # Checkpoints and exports
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_bit_identical_to_an_uninterrupted_one(dataset, tmp_path):
     args = ["--epochs=2", "--save-every=2"]
     run(small_run(dataset, tmp_path / "straight", *args))
@@ -167,6 +186,7 @@ def stop_with(sig, dataset, out, world, *args):
     return process.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, world", [(signal.SIGTERM, 1), (signal.SIGINT, 1), (signal.SIGTERM, 2)])
 def test_a_stop_signal_ends_the_step_checkpoints_and_the_run_resumes_bit_identical(dataset, tmp_path, sig,
                                                                                    world):
@@ -190,6 +210,7 @@ def test_a_stop_signal_ends_the_step_checkpoints_and_the_run_resumes_bit_identic
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)  # bit-identical
 
 
+@pytest.mark.slow
 def test_a_run_directory_holds_one_run(dataset, tmp_path):
     """A second run into it is refused before training; --resume refuses other data; resuming a finished run
     says so; rows logged after the resumed checkpoint are not kept twice."""
@@ -220,6 +241,7 @@ def test_a_run_directory_holds_one_run(dataset, tmp_path):
     assert [row["step"] for row in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(dataset, tmp_path):
     run(small_run(dataset, tmp_path / "whole", "--max-steps=6", "--save-every=2"))
     run(small_run(dataset, tmp_path / "run", "--max-steps=4", "--save-every=2"))
@@ -234,6 +256,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(dataset
     assert all(torch.equal(whole[n], resumed_export[n]) for n in whole)
 
 
+@pytest.mark.slow
 def test_a_users_mistake_is_one_error_line_without_a_traceback(tmp_path):
     """Plain python: the error line alone. torchrun: the error line once (rank 0's) and no rank's traceback;
     torchrun itself then reports the failed ranks (its own traceback, from the launcher)."""
@@ -244,11 +267,13 @@ def test_a_users_mistake_is_one_error_line_without_a_traceback(tmp_path):
         assert world == 2 or "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_only_the_newest_checkpoints(dataset, tmp_path):
     run(small_run(dataset, tmp_path, "--max-steps=6", "--save-every=1", "--keep-last=2"))
     assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-00000005", "step-00000006"]
 
 
+@pytest.mark.slow
 def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transformers(dataset, tmp_path):
     result = run(["export", dataset, tmp_path], script="tests/train_worker.py")
     assert "export matches" in result.stdout
@@ -261,7 +286,7 @@ def test_the_export_loads_back_with_the_trained_logits_in_ours_and_in_transforme
     assert json.loads((export / "config.json").read_text())["eos_token_id"] == eot
 
 
-@pytest.mark.parametrize("vocab_multiple", [1, 64])
+@pytest.mark.parametrize("vocab_multiple", [1, pytest.param(64, marks=pytest.mark.slow)])
 def test_a_base_model_is_read_a_slice_per_rank_and_new_token_rows_start_at_the_mean(dataset, tmp_path,
                                                                                     vocab_multiple):
     torch.manual_seed(0)
@@ -287,6 +312,7 @@ def test_compiled_blocks_train_as_eager_ones_on_cuda(dataset, tmp_path):
         assert abs(compiled["loss"] - eager["loss"]) <= 2e-2 * eager["loss"]
 
 
+@pytest.mark.slow
 def test_vocabulary_padding_rows_train_as_none_and_leave_the_exports(dataset, tmp_path):
     """--vocab-multiple=64 (a GPU's default) on the CPU: the same losses as without, an export of the real size."""
     run(small_run(dataset, tmp_path / "plain", "--max-steps=3"))
@@ -297,12 +323,14 @@ def test_vocabulary_padding_rows_train_as_none_and_leave_the_exports(dataset, tm
     assert vocab % 64 and exported(tmp_path / "padded")["model.embed_tokens.weight"].shape[0] == vocab
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_bench_scale_predicts_the_sharded_state_each_rank_holds(dataset, world):
     result = run(["state", dataset], world=world, script="tests/train_worker.py")
     assert result.stdout.count("sharded state as predicted") == world
 
 
+@pytest.mark.slow
 def test_the_demo_config_overfits_a_small_batch(dataset):
     """The demo model and optimizer settings drive the loss of one batch of 8 conversations to ~0."""
     meta, split = train.load_data(dataset)
@@ -324,6 +352,7 @@ def test_the_demo_config_overfits_a_small_batch(dataset):
 # Bad input and faults
 
 
+@pytest.mark.slow
 def test_the_bare_command_without_the_demo_data_says_in_one_line_how_to_make_it(tmp_path):
     for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2"]):
@@ -334,6 +363,7 @@ def test_the_bare_command_without_the_demo_data_says_in_one_line_how_to_make_it(
                                    "the demo's data and base)") == 1
 
 
+@pytest.mark.slow
 def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
     result = run(small_run(tmp_path / "nowhere", tmp_path / "out"), check=False)
     assert result.returncode != 0 and "nowhere/meta.json is missing" in result.stderr
@@ -351,6 +381,7 @@ def test_a_missing_or_damaged_dataset_is_named(dataset, tmp_path):
     assert result.returncode != 0 and "the arrays disagree" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_base_that_does_not_match_the_tokenizer_is_refused(dataset, tmp_path):
     base_vocab = json.loads((dataset / "meta.json").read_text())["tokenizer"]["base_vocab_size"]
     save_pretrained(Transformer(ModelConfig.from_name("tiny", vocab_size=base_vocab + 7)), tmp_path / "base")
@@ -360,12 +391,14 @@ def test_a_base_that_does_not_match_the_tokenizer_is_refused(dataset, tmp_path):
             in result.stderr)
 
 
+@pytest.mark.slow
 def test_a_conversation_longer_than_batch_max_len_is_named(dataset, tmp_path):
     result = run(small_run(dataset, tmp_path, "--batch-max-len=40"), check=False)
     assert result.returncode != 0
     assert "tokens, more than batch_max_len=40; raise --batch-max-len" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_batch(dataset, tmp_path):
     poisoned = tmp_path / "poisoned"
     poisoned.mkdir()
@@ -390,6 +423,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_batch(dataset, 
     assert len(saved) == steps_done  # every completed step saved, nothing after the bad one
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_intact(dataset, tmp_path):
     run(small_run(dataset, tmp_path, "--max-steps=4", "--save-every=2"))
     before = sorted((tmp_path / "checkpoints").glob("step-*"))
