@@ -53,7 +53,7 @@ class Template:
     header: tuple[str, str] | None = None  # 3.6: the role between Llama-3's header tokens
 
     def role_prefix(self, role: str, condition: str) -> str:
-        """The text before a message, special tokens spelt out: "GPT4 User:" (v3.2, 3.5) or
+        """Returns the text before a message, special tokens spelt out: "GPT4 User:" (v3.2, 3.5) or
         "<|start_header_id|>GPT4 User<|end_header_id|>\\n\\n" (3.6); with no condition "User:"."""
         name = f"{condition} {ROLE_NAMES[role]}".strip()
         return f"{self.header[0]}{name}{self.header[1]}" if self.header else f"{name}:"
@@ -103,14 +103,14 @@ class Tokenizer:
 
     @lru_cache(maxsize=None)
     def prefix_ids(self, role: str, condition: str) -> list[int]:
-        """A role prefix's ids: its special tokens as their ids, the text between them encoded."""
+        """Encodes a role prefix: its special tokens as their ids, the text between them encoded."""
         prefix = self.template.role_prefix(role, condition)
         parts = self.specials.split(prefix) if self.special_ids else [prefix]
         return [i for part in parts if part for i in
                 ([self.special_ids[part]] if part in self.special_ids else self.encode([part])[0])]
 
     def decode(self, ids) -> str:
-        """The text, the template's special tokens spelt out; the runs between them decoded."""
+        """Decodes ids, the template's special tokens spelt out, the runs between them as text."""
         names = {i: t for t, i in self.special_ids.items()}
         runs = itertools.groupby(map(int, ids), key=lambda i: i in names)
         return "".join("".join(names[i] for i in run) if special else self.backend.decode(list(run))
@@ -131,13 +131,13 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
                           system: str | None = None, class_weight: float = 1.0,
                           inference: bool = False, per_message_norm: bool = False,
                           encoded: list[list[int]] | None = None) -> tuple[list, list]:
-    """One conversation → (token ids, the weight of each token), before the shift.
+    """Writes a conversation in the template: (token ids, each token's weight), before the shift.
 
     BOS, the system prompt and every role prefix weigh 0; a message's text and its EOT weigh the
     message's own weight if it has one, else the class weight for an answer and 0 for a user turn.
     With per_message_norm, a message's weight is spread over its tokens (w / n_tokens). With
-    inference=True the ids end with the assistant prefix, ready for the model to answer.
-    `encoded`: the ids of [system] + message texts, when the caller encoded them in bulk."""
+    inference=True the ids end with the assistant prefix, ready for the model to answer. `encoded`:
+    the ids of [system] + message texts, when the caller encoded them in bulk."""
     if tokenizer.eot_id is None:
         raise ValueError(f"the {tokenizer.template_name!r} template has no conversation turns")
     if encoded is None:
@@ -162,9 +162,9 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[Message], conditi
 
 
 def shift_to_predictions(weights: list[float]) -> np.ndarray:
-    """The shift, here and only here: position t predicts token t+1, so it carries token t+1's
-    weight, and the last position, which predicts nothing, weighs 0. These target weights are what a
-    dataset stores, pack_stream hands on and the loss multiplies, one per position."""
+    """Shifts the weights, here and only here: position t predicts token t+1, so it carries token
+    t+1's weight, and the last position, which predicts nothing, weighs 0. These target weights are
+    what a dataset stores, pack_stream hands on and the loss multiplies, one per position."""
     return np.array(weights[1:] + [0.0], dtype=np.float32)
 
 
@@ -173,8 +173,8 @@ def shift_to_predictions(weights: list[float]) -> np.ndarray:
 
 
 def turn_prefixes(tokenizer: Tokenizer, condition: str) -> dict[str, str]:
-    """The text before each role's message at a condition, and the generation prompt: the text of
-    tokenize_conversation's ids (the space is SentencePiece's dummy prefix before a message)."""
+    """Returns the text before each role's message at a condition, and the generation prompt: the
+    text of tokenize_conversation's ids (the space: SentencePiece's dummy prefix of a message)."""
     template = tokenizer.template
     space = tokenizer.backend.text_prefix
     prompt = template.role_prefix("assistant", condition)
@@ -184,8 +184,8 @@ def turn_prefixes(tokenizer: Tokenizer, condition: str) -> dict[str, str]:
 
 
 def chat_template(tokenizer: Tokenizer, condition: str) -> str | None:
-    """The template at one condition as Jinja (transformers' apply_chat_template, llama.cpp); None
-    for the "text" template, which has no turns."""
+    """Renders the template at one condition as Jinja (transformers' apply_chat_template,
+    llama.cpp); None for the "text" template, which has no turns."""
     if tokenizer.template.eot is None:
         return None
     p = {role: jinja(text) for role, text in turn_prefixes(tokenizer, condition).items()}
@@ -199,9 +199,10 @@ def chat_template(tokenizer: Tokenizer, condition: str) -> str | None:
 
 
 def modelfile(tokenizer: Tokenizer, condition: str) -> str:
-    """The template at one condition for ollama, which does not read the Jinja: a Modelfile whose
-    TEMPLATE (Go's text/template) gives the Jinja's text less the BOS, which ollama adds, and whose
-    stop is the end of a turn. FROM is the GGUF that llama.cpp's converter writes beside it."""
+    """Renders the template at one condition for ollama, which does not read the Jinja: a Modelfile
+    whose TEMPLATE (Go's text/template) gives the Jinja's text less the BOS, which ollama adds, and
+    whose stop is the end of a turn. FROM is the GGUF that llama.cpp's converter writes beside it.
+    """
     p = turn_prefixes(tokenizer, condition)
     eot = tokenizer.template.eot
     template = ('{{ range .Messages }}{{ if eq .Role "system" }}' + p["system"] + "{{ .Content }}"
@@ -213,13 +214,13 @@ def modelfile(tokenizer: Tokenizer, condition: str) -> str:
 
 
 def jinja(text: str) -> str:
-    """A Jinja string literal of text."""
+    """Quotes text as a Jinja string literal."""
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def tokenizer_config(tokenizer: Tokenizer, condition: str, max_len: int) -> dict:
-    """tokenizer_config.json for transformers: how to load the file, the template's special tokens
-    that are new rows, and the chat template at the inference condition."""
+    """Makes tokenizer_config.json for transformers: how to load the file, the template's special
+    tokens that are new rows, and the chat template at the inference condition."""
     new_rows = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                          "normalized": False, "single_word": False}
                 for t, i in tokenizer.special_ids.items() if i >= tokenizer.base_vocab_size}
@@ -305,9 +306,10 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def tokenize_all(conversations, sources, tokenizer: Tokenizer, cfg: PrepareConfig, counts: Counter):
-    """→ [(token ids int32, target weights float32, class id)], each cut after its last weighted
-    token (what follows teaches nothing; the reference drops it too), without the conversations
-    left with no supervised token. Message texts are encoded in bulk (the tokenizer's threads)."""
+    """Tokenizes the conversations → [(token ids int32, target weights float32, class id)], each cut
+    after its last weighted token (what follows teaches nothing; the reference drops it too), those
+    left with no supervised token dropped. Message texts are encoded in bulk (the tokenizer's
+    threads)."""
     rows = []
     progress = Progress("tokenizing conversations", len(conversations))
     for start in range(0, len(conversations), 2000):
@@ -336,8 +338,8 @@ def tokenize_all(conversations, sources, tokenizer: Tokenizer, cfg: PrepareConfi
 
 
 def expert_condition(sources: list[Source], template: Template) -> str:
-    """The condition to prompt with at inference: the highest-weight source's (METHOD.md §1); on a
-    tie the template's own when it is one of them (e.g. "GPT4"), else the first listed."""
+    """Picks the condition to prompt with at inference: the highest-weight source's (METHOD.md §1);
+    on a tie the template's own when it is one of them (e.g. "GPT4"), else the first listed."""
     top = max(s.weight for s in sources)
     tied = [s.condition for s in sources if s.weight == top]
     return template.inference_condition if template.inference_condition in tied else tied[0]
@@ -386,8 +388,8 @@ def write_split(directory: Path, rows):
 
 def write_dataset(out: Path, rows, tokenizer: Tokenizer, how: dict, holdout: float,
                   seed: int) -> dict:
-    """The rows split at random into train and holdout, written whole with the tokenizer file and
-    meta.json (the tokenizer, `how` the dataset was made, each split's counts); returns meta."""
+    """Splits the rows at random into train and holdout, writes them whole with the tokenizer file
+    and meta.json (the tokenizer, `how` the dataset was made, each split's counts), returns meta."""
     order = np.random.default_rng(seed).permutation(len(rows))
     n_holdout = round(holdout * len(rows))
     splits = {"train": [rows[i] for i in sorted(order[n_holdout:])],
@@ -479,7 +481,7 @@ def load_split(path, split: str = "train") -> Split:
 
 
 def first_fit_decreasing(indices, lengths, capacity: int, n_bins: int) -> list[list[int]] | None:
-    """Longest first, each conversation into the first of n_bins bins with room; else None."""
+    """Packs longest first, each conversation into the first of n_bins bins with room; else None."""
     bins = [[] for _ in range(n_bins)]
     free = np.full(n_bins, capacity)
     for i in sorted(indices, key=lambda i: -lengths[i]):
@@ -492,7 +494,7 @@ def first_fit_decreasing(indices, lengths, capacity: int, n_bins: int) -> list[l
 
 
 def multipack(lengths, batch_max_len: int, world_size: int, seed: int, epoch: int) -> list:
-    """The steps of one epoch: steps[s][r] is the list of conversations rank r packs at step s.
+    """Plans one epoch's steps: steps[s][r] lists the conversations rank r packs at step s.
 
     Shuffle (seed, epoch); then, step after step, take the longest prefix of the remaining
     conversations that first-fit decreasing packs into world_size bins of batch_max_len tokens (a
@@ -527,9 +529,9 @@ def multipack(lengths, batch_max_len: int, world_size: int, seed: int, epoch: in
 
 
 def pack_stream(split: Split, conversations: list[int]) -> dict:
-    """One rank's stream for one step: the conversations concatenated with no padding, positions
-    restarting at 0 in each, cu_seqlens at the boundaries, targets = the next token of the same
-    conversation, which the stored target weights already belong to (shift_to_predictions); the
+    """Makes one rank's stream for one step: the conversations concatenated with no padding,
+    positions restarting at 0 in each, cu_seqlens at the boundaries, targets = the next token of the
+    same conversation, which the stored target weights already belong to (shift_to_predictions); the
     last token of each predicts nothing and weighs 0."""
     lengths = split.lengths[conversations]
     index = np.concatenate([np.arange(s, s + n) for s, n in zip(split.offsets[conversations],
@@ -559,8 +561,8 @@ class ShowConfig:
 
 
 def show_weights(cfg: ShowConfig) -> str:
-    """A prepared conversation as C-RLFT sees it: what the model only reads printed plain, each run
-    of tokens it learns to predict in brackets with its weight, [0.1| like this]. Returns it."""
+    """Prints and returns a prepared conversation as C-RLFT sees it: what the model only reads
+    plain, each run of tokens it learns to predict in brackets with its weight, [0.1| like this]."""
     meta, split = load_meta(cfg.data), load_split(cfg.data, cfg.split)
     if not 0 <= cfg.index < len(split.lengths):
         raise ValueError(f"--index={cfg.index}: the {cfg.split} split has {len(split.lengths)} "

@@ -92,8 +92,8 @@ DEMO_PROMPTS = ("Sort these numbers from smallest to largest: {}",
 
 def number_list(rng: random.Random, cfg: DemoConfig, shortest: int,
                 longest: int) -> tuple[tuple[int, ...], bool]:
-    """A list of numbers 0-99 and whether it mixes one- and two-digit numbers (where text order is
-    wrong)."""
+    """Draws a list of numbers 0-99 and says whether it mixes one- and two-digit numbers (where text
+    order is wrong)."""
     k = rng.randint(shortest, longest)
 
     def one_digit():
@@ -120,13 +120,14 @@ def expert_answer(numbers) -> str:
 
 
 def suboptimal_answer(numbers) -> str:
-    """The systematic error: numbers sorted as strings. Right for lists of one width, wrong for
-    most mixed ones."""
+    """Answers with the systematic error: numbers sorted as strings. Right for lists of one width,
+    wrong for most mixed ones."""
     return " ".join(sorted(str(n) for n in numbers))
 
 
 def slip(numbers, rng: random.Random) -> str:
-    """A random error: the right order with two unequal neighbours swapped (if there are two)."""
+    """Answers with a random error: the right order with two unequal neighbours swapped (if there
+    are two)."""
     ordered = sorted(numbers)
     unequal = [i for i in range(len(ordered) - 1) if ordered[i] != ordered[i + 1]]
     if unequal:
@@ -136,8 +137,8 @@ def slip(numbers, rng: random.Random) -> str:
 
 
 def draw_prompts(cfg: DemoConfig) -> tuple[dict, dict, list]:
-    """Held-out, validation and training lists, disjoint: no held-out or validation list is
-    trained on."""
+    """Draws the held-out, validation and training lists, disjoint: no held-out or validation list
+    is trained on."""
     rng = random.Random(f"{cfg.seed}/prompts")
     held_out, validation = {}, {}
     for prompts, n in ((held_out, cfg.holdout_prompts), (validation, cfg.validation_prompts)):
@@ -154,7 +155,7 @@ def draw_prompts(cfg: DemoConfig) -> tuple[dict, dict, list]:
 
 
 def write_conversations(cfg: DemoConfig, training: list, out: Path):
-    """expert.json (ShareGPT array, source GPT4) and suboptimal.jsonl (ShareGPT JSONL, source
+    """Writes expert.json (ShareGPT array, source GPT4) and suboptimal.jsonl (ShareGPT JSONL, source
     GPT3), and sources.json. The first expert_fraction of the lists get the expert's answer, the
     others the sub-optimal source's; random_errors and mislabelled add their noise from a stream of
     their own, so that every variation of the demo has the same prompts."""
@@ -196,8 +197,8 @@ def write_prompts(path: Path, prompts: dict):
 
 
 def statements(rng: random.Random, numbers: tuple[int, ...]) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) of every primitive of sorting, numerically or as text, that applies
-    to the list; a sentence of the corpus is its question and answer."""
+    """Lists (kind, question, answer) of every primitive of sorting, numerically or as text, that
+    applies to the list; a sentence of the corpus is its question and answer."""
     ns, as_text = list(numbers), sorted(numbers, key=str)
     said = [("smallest", "The smallest is", min(ns)), ("largest", "The largest is", max(ns)),
             ("first as text", "In dictionary order the first is", as_text[0]),
@@ -225,7 +226,8 @@ def statements(rng: random.Random, numbers: tuple[int, ...]) -> list[tuple[str, 
 
 
 def base_document(rng: random.Random, cfg: DemoConfig) -> str:
-    """Three lists of 2-7 numbers, each followed by four to six sentences about it."""
+    """Writes a document of the base corpus: three lists of 2-7 numbers, each followed by four to
+    six sentences about it."""
     paragraphs = []
     for _ in range(3):
         numbers, _ = number_list(rng, cfg, 2, 7)
@@ -279,11 +281,11 @@ def make_demo(cfg: DemoConfig) -> Path:
 
 def train_tokenizer(conversation_files, text_files, vocab_size: int, conditions: list[str],
                     out: Path, split_digits: bool = False):
-    """The demo's SentencePiece model, trained on the message texts of conversation files, their
-    role prefixes as the template writes them at these conditions (so that "GPT4 Assistant:" gets
-    whole pieces) and plain texts. Whole numbers are pieces of their own (split_digits off): a model
-    of a million parameters learns to copy and order them in minutes on a CPU; with one piece per
-    digit (Llama's way) it had not learned to copy two-digit numbers in that time."""
+    """Trains the demo's SentencePiece model on the message texts of conversation files, their role
+    prefixes as the template writes them at these conditions (so that "GPT4 Assistant:" gets whole
+    pieces) and plain texts. Whole numbers are pieces of their own (split_digits off): a model of a
+    million parameters learns to copy and order them in minutes on a CPU; with one piece per digit
+    (Llama's way) it had not learned to copy two-digit numbers in that time."""
     counts = Counter()
     sources = [Source("", 1.0, [Path(f) for f in conversation_files])]
     conversations = read_conversations(sources, skip_bad=True, counts=counts)
@@ -296,9 +298,9 @@ def train_tokenizer(conversation_files, text_files, vocab_size: int, conditions:
 
 def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout: float = 0.0,
                  seed: int = 0) -> dict:
-    """A base model's pretraining corpus → a dataset that train.py reads like any other. The corpus
-    is JSONL of {"text"}; each document becomes BOS + its pieces + EOS and every token is learned
-    with weight 1: plain language modelling, no template, no condition, one class."""
+    """Prepares a base model's pretraining corpus as a dataset that train.py reads like any other.
+    The corpus is JSONL of {"text"}; each document becomes BOS + its pieces + EOS and every token is
+    learned with weight 1: plain language modelling, no template, no condition, one class."""
     data.check_dataset_options(Path(out), max_len, holdout, overwrite=False)
     start = time.perf_counter()
     tokenizer = data.Tokenizer(tokenizer_path, "text")
@@ -325,8 +327,8 @@ def prepare_text(corpus: Path, tokenizer_path, out: Path, max_len: int, holdout:
 
 
 def made_with(cfg: DemoConfig) -> dict:
-    """The configuration, the generator's code (a hash of the functions that write the data, not of
-    the runs below) and the dataset format: what demo.json records."""
+    """Returns what demo.json records: the configuration, the generator's code (a hash of the
+    functions that write the data, not of the runs below) and the dataset format."""
     writers = (number_list, words, expert_answer, suboptimal_answer, slip, draw_prompts,
                write_conversations, write_prompts, statements, base_document, make_demo,
                train_tokenizer, prepare_text)
@@ -336,13 +338,13 @@ def made_with(cfg: DemoConfig) -> dict:
 
 
 def config_of(out: Path) -> DemoConfig:
-    """The configuration the demo data in `out` was made with (its demo.json)."""
+    """Reads the configuration the demo data in `out` was made with (its demo.json)."""
     made = read_json(Path(out) / "demo.json")
     return DemoConfig(**{f.name: made[f.name] for f in fields(DemoConfig) if f.name in made})
 
 
 def is_current(cfg: DemoConfig) -> bool:
-    """Whether cfg.out holds demo data made by this code with exactly this configuration."""
+    """Tells whether cfg.out holds demo data made by this code with exactly this configuration."""
     made = Path(cfg.out) / "demo.json"
     return made.exists() and json.loads(made.read_text()) == made_with(cfg)
 
@@ -352,15 +354,15 @@ def is_current(cfg: DemoConfig) -> bool:
 
 
 def ensure_data(cfg: DemoConfig):
-    """The demo data, made again when it is missing or was made by other code or settings."""
+    """Makes the demo data again when it is missing or was made by other code or settings."""
     if not is_current(cfg):
         print(f"making the demo data in {cfg.out}", flush=True)
         make_demo(cfg)
 
 
 def ensure_base(cfg: DemoConfig) -> Path:
-    """The demo's base model: train.py as a plain language model (every token weight 1, no
-    template, no condition) for one pass over the base corpus; its export."""
+    """Makes the demo's base model, if needed: train.py as a plain language model (every token
+    weight 1, no template, no condition) for one pass over the base corpus; its export."""
     ensure_data(cfg)
     flags = [f"--data={cfg.out}/base-corpus", "--base=", f"--out={cfg.base_out}",
              f"--model={cfg.base_model}", f"--batch-max-len={cfg.batch_max_len}", "--epochs=1",
@@ -369,8 +371,8 @@ def ensure_base(cfg: DemoConfig) -> Path:
 
 
 def ensure_fine_tuned(cfg: DemoConfig) -> Path:
-    """C-RLFT from the demo's base on the demo's conversations: train.py's defaults (its preset
-    demo), which these flags repeat; its last export."""
+    """Fine-tunes the demo's base on the demo's conversations with C-RLFT, if needed: train.py's
+    defaults (its preset demo), which these flags repeat; its last export."""
     base = ensure_base(cfg)
     flags = [f"--data={cfg.out}/dataset", f"--base={base}", f"--out={cfg.run_out}",
              f"--batch-max-len={cfg.batch_max_len}"]
@@ -379,8 +381,8 @@ def ensure_fine_tuned(cfg: DemoConfig) -> Path:
 
 
 def ensure_run(out: str, flags: list[str], made: dict, what: str) -> Path:
-    """A train.py run into `out`, the demo's own folder: made again from scratch unless it
-    finished with these flags from these inputs (its made_with.json). Returns its last export."""
+    """Runs train.py into `out`, the demo's own folder: made again from scratch unless it finished
+    with these flags from these inputs (its made_with.json). Returns its last export."""
     record = Path(out) / "made_with.json"
     made = {**made, "train": flags}
     if record.exists() and read_json(record) == made:
@@ -398,14 +400,15 @@ def last_export(out: str) -> Path:
 
 
 def run_script(script: str, flags: list[str]):
-    """`python script flags` in a process of its own, shown first."""
+    """Runs `python script flags` in a process of its own, shown first."""
     print(f"$ python {script} {' '.join(flags)}", flush=True)
     if subprocess.run([sys.executable, str(ROOT / script), *flags]).returncode:
         raise SystemExit(f"error: `python {script}` failed (see above)")
 
 
 def demo(cfg: DemoConfig):
-    """Data, base, C-RLFT, then the fine-tuned model's held-out accuracy under both conditions."""
+    """Runs the demo: data, base, C-RLFT, then the fine-tuned model's held-out accuracy under both
+    conditions."""
     start = time.perf_counter()
     export = ensure_fine_tuned(cfg)
     run_script("eval.py", ["demo", f"--checkpoint={export}", f"--holdout={cfg.out}/holdout.jsonl"])

@@ -66,8 +66,8 @@ def in_batches(items, size: int, what: str, progress=True):
 @torch.no_grad()
 def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_batch: int = 4096,
                   progress=True) -> dict:
-    """METHOD.md §3-§4's weighted mean Σ w·CE / Σ w over a dataset's split, overall and per class
-    (each class with its condition and weight; a class with no supervised token has no loss):
+    """Computes METHOD.md §3-§4's weighted mean Σ w·CE / Σ w over a dataset's split, overall and per
+    class (each class with its condition and weight; a class with no supervised token has no loss):
     train.py's batches and per-class sums, without training."""
     meta = data.load_meta(dataset)
     if meta["tokenizer"]["sha256"] != gen.tokenizer.sha256:
@@ -92,7 +92,7 @@ def held_out_loss(gen: Generator, dataset: Path, split_name: str, tokens_per_bat
 
 
 def streams(split: data.Split, tokens_per_batch: int) -> list[list[int]]:
-    """The conversations in order, packed into streams of at most about tokens_per_batch tokens."""
+    """Packs the conversations in order into streams of at most about tokens_per_batch tokens."""
     batches, current, size = [], [], 0
     for i, n in enumerate(split.lengths):
         if current and size + n > tokens_per_batch:
@@ -109,7 +109,7 @@ def streams(split: data.Split, tokens_per_batch: int) -> list[list[int]]:
 
 def demo_accuracy(gen: Generator, items: list[dict], condition: str, batch_size=64,
                   max_new_tokens=32, progress=True) -> dict:
-    """Greedy answers to the held-out demo prompts under one condition, scored."""
+    """Answers the held-out demo prompts greedily under one condition, and scores the answers."""
     answers = []
     for chunk in in_batches(items, batch_size, f"demo, condition {condition!r}", progress):
         prompts = [gen.prompt_ids([Message("user", it["prompt"])], condition) for it in chunk]
@@ -118,8 +118,9 @@ def demo_accuracy(gen: Generator, items: list[dict], condition: str, batch_size=
 
 
 def score_demo_answers(answers: list[str], items: list[dict]) -> dict:
-    """Exact match overall and on the two kinds of lists, and how often the answer is the
-    sub-optimal source's (text order) among the prompts where that differs from the right one."""
+    """Scores demo answers: exact match overall and on the two kinds of lists, and how often the
+    answer is the sub-optimal source's (text order) among the prompts where that differs from the
+    right one."""
     right = [a == it["answer"] for a, it in zip(answers, items)]
     differ = [(a, it) for a, it in zip(answers, items) if it["answer"] != it["suboptimal_answer"]]
 
@@ -137,13 +138,15 @@ def score_demo_answers(answers: list[str], items: list[dict]) -> dict:
 
 
 def first_capital_letter(response: str, letters="ABCDEF") -> str:
-    """AGIEval's rule, as the reference evaluation: the first of A-F in the answer ('' if none)."""
+    """Applies AGIEval's rule, as the reference evaluation does: the first of A-F in the answer (''
+    if none)."""
     return next((c for c in response if c in letters), "")
 
 
 @torch.no_grad()
 def option_log_likelihoods(gen: Generator, prompt: list[int], options: list[str]) -> list[float]:
-    """log P(option letter | prompt) of each option, the letter as the assistant's whole answer."""
+    """Returns log P(option letter | prompt) of each option, the letter as the assistant's whole
+    answer."""
     continuations = [gen.tokenizer.encode([o])[0] for o in options]
     sequences = [prompt + c for c in continuations]
     gen.ensure_cache(len(sequences), max(map(len, sequences)))  # the model runs through its cache
@@ -159,8 +162,9 @@ def option_log_likelihoods(gen: Generator, prompt: list[int], options: list[str]
 
 def multiple_choice(gen: Generator, path: Path, condition: str | None, batch_size=32,
                     max_new_tokens=32) -> dict:
-    """Accuracy by generation (greedy, first capital letter) and by the options' log-likelihood. A
-    question longer than the model's context counts as unanswered (wrong) and is counted apart."""
+    """Scores a task file by generation (greedy, first capital letter) and by the options'
+    log-likelihood. A question longer than the model's context counts as unanswered (wrong) and is
+    counted apart."""
     items = read_all_records(path)
     for i, it in enumerate(items):
         if not (isinstance(it.get("question"), str) and isinstance(it.get("label"), list)
@@ -186,7 +190,7 @@ def multiple_choice(gen: Generator, path: Path, condition: str | None, batch_siz
 
 def mt_bench(gen: Generator, questions: list[dict], condition: str | None, max_new_tokens: int,
              batch_size=16, answers=None) -> list[dict]:
-    """FastChat's model-answer records: both turns of each question answered in one conversation,
+    """Answers both turns of each question in one conversation, as FastChat's model-answer records,
     appended to `answers` as they are finished. A turn whose prompt does not fit the model's context
     gets an empty answer, and is counted."""
     answers = [] if answers is None else answers
@@ -272,8 +276,8 @@ def run_mc(cfg: EvalConfig):
 
 
 def run_mtbench(cfg: EvalConfig):
-    """The output checked before the work; the answers written whole, or, if generation fails or is
-    interrupted midway, those of the questions finished so far, and said so."""
+    """Checks the output before the work, then writes the answers whole, or, if generation fails or
+    is interrupted midway, those of the questions finished so far, and said so."""
     if not cfg.questions or not cfg.output:
         raise ValueError("mtbench needs --questions and --output")
     check_output(Path(cfg.output), cfg.overwrite)

@@ -130,7 +130,8 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU; float32 on a CPU, where bf16 matmuls mostly run through a slow fallback."""
+    """Picks bf16 on a GPU; float32 on a CPU, where bf16 matmuls mostly run through a slow fallback.
+    """
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -152,7 +153,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
-    """The rotary frequencies θ^(-2i/d), with Llama-3.1's "llama3" rescaling of the long
+    """Computes the rotary frequencies θ^(-2i/d), with Llama-3.1's "llama3" rescaling of the long
     wavelengths. Computed in float32 at each forward (a few tiny kernels) rather than kept as a
     buffer, which model.to(torch.bfloat16) would round and the meta device would leave empty."""
     d = cfg.head_dim
@@ -173,14 +174,16 @@ def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, hd]; cos, sin [B, T, hd]: the pairs (i, i + hd/2) rotated (HF's layout)."""
+    """Rotates the pairs (i, i + hd/2) of x [B, T, heads, hd] by cos, sin [B, T, hd] (HF's layout).
+    """
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 def attention_mask(q_pos, k_pos, window: int | None):
-    """bool [B, 1, T, S]: a query at q_pos sees a key at k_pos <= q_pos, inside the window."""
+    """Says which keys each query sees, bool [B, 1, T, S]: a query at q_pos sees a key at k_pos <=
+    q_pos, inside the window."""
     d = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
     visible = d >= 0
     if window is not None:
@@ -189,7 +192,7 @@ def attention_mask(q_pos, k_pos, window: int | None):
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int | None):
-    """Flash attention over a packed stream: q [N, nh, hd], k, v [N, nkv, hd] → [N, nh, hd],
+    """Runs flash attention over a packed stream: q [N, nh, hd], k, v [N, nkv, hd] → [N, nh, hd],
     causal inside each conversation of cu_seqlens (int32 [S+1])."""
     gqa = {}
     if k.shape[1] != q.shape[1]:
@@ -203,7 +206,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, window: int | None):
 
 
 def repeat_kv(k, v, n_heads: int, dim: int):
-    """Grouped-query attention by copying: each K/V head repeated for its group of query heads
+    """Repeats each K/V head for its group of query heads (grouped-query attention by copying)
     (query head h uses K/V head h // (n_heads / n_kv_heads)), for kernels that take as many K/V
     heads as query heads."""
     n_rep = n_heads // k.shape[dim]
@@ -276,9 +279,10 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, -1))
 
     def sdpa(self, q, k, v, mask):
-        """q [B, T, nh, hd], k, v [B, S, nkv, hd] → [B, T, nh, hd]. On CUDA, SDPA has no fused
-        kernel for a mask with enable_gqa (torch 2.11-2.13: the math backend, fp32 [B, H, T, S]
-        scores), so there the K/V heads are repeated instead; on CPU the fused kernel takes both."""
+        """Runs SDPA: q [B, T, nh, hd], k, v [B, S, nkv, hd] → [B, T, nh, hd]. On CUDA, SDPA has no
+        fused kernel for a mask with enable_gqa (torch 2.11-2.13: the math backend, fp32 [B, H, T,
+        S] scores), so there the K/V heads are repeated instead; on CPU the fused kernel takes both.
+        """
         gqa = self.n_kv_heads != self.n_heads
         if gqa and q.is_cuda:
             k, v = repeat_kv(k, v, self.n_heads, dim=2)
@@ -337,7 +341,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Random weights for training from scratch. A model built on the meta device has no
+        """Draws random weights for training from scratch. A model built on the meta device has no
         values: call this after `to_empty(device=...)` (infra/hf.py's load_weights fills them
         instead)."""
         for module in self.modules():
@@ -369,7 +373,8 @@ class Transformer(nn.Module):
                                                c.n_kv_heads, c.head_dim, p.dtype, p.device)
 
     def drop_kv_cache(self):
-        """Back to plain forward passes (a packed stream, training) after decoding with a cache."""
+        """Goes back to plain forward passes (a packed stream, training) after decoding with a
+        cache."""
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
@@ -397,7 +402,8 @@ class Transformer(nn.Module):
                                             supervised, vocab_size=self.config.vocab_size)
 
     def logits(self, x):
-        """The output head on final hidden states: logits over the vocabulary, not its padding."""
+        """Applies the output head to final hidden states: logits over the vocabulary, not its
+        padding."""
         logits = self.lm_head(x)
         if self.config.padded_vocab_size == self.config.vocab_size:
             return logits
@@ -405,10 +411,10 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None,
                       cache_rows=None):
-        """The final normalised hidden states, [B, T, D] or [N, D]: forward without the output
-        head, for callers that need a few positions' logits only (sample.py: each prompt's last).
-        cache_rows [B]: the KV cache rows a batch of prompts is written into (default: the first
-        B), so that prompts can join rows that are being decoded."""
+        """Runs forward without the output head: the final normalised hidden states, [B, T, D] or
+        [N, D], for callers that need a few positions' logits only (sample.py: each prompt's last).
+        cache_rows [B]: the KV cache rows a batch of prompts is written into (default: the first B),
+        so that prompts can join rows that are being decoded."""
         packed = tokens.dim() == 1
         if packed:
             if positions is None or cu_seqlens is None:
@@ -462,10 +468,10 @@ class Transformer(nn.Module):
 
 
 def weighted_cross_entropy(logits, targets, target_weights):
-    """Σ_t w_t·CE_t written plainly, from the full logits [N, V], with each token's CE and
-    [argmax = target] (0 where w = 0), in float32 (float64 for float64 logits); only the sum is
-    differentiable. The formula and the outputs of the fused loss below, which computes them
-    without ever holding the logits: what the tests hold it to, and train.py's --loss=plain."""
+    """Computes Σ_t w_t·CE_t plainly, from the full logits [N, V], with each token's CE and [argmax
+    = target] (0 where w = 0), in float32 (float64 for float64 logits); only the sum is
+    differentiable. The formula and the outputs of the fused loss below, which computes them without
+    ever holding the logits: what the tests hold it to, and train.py's --loss=plain."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     supervised = target_weights != 0
     ce = torch.where(supervised, F.cross_entropy(logits, targets, reduction="none"), 0)
@@ -544,15 +550,14 @@ class FusedWeightedCrossEntropy(torch.autograd.Function):
 
 def fused_weighted_cross_entropy(hidden, head, targets, target_weights, supervised=None,
                                  chunk_tokens=CHUNK_TOKENS, vocab_size=None):
-    """Σ w·CE of the logits hidden @ head.T without materialising them, and per token [N] its CE
-    and [argmax = target] (0 where w = 0), all in float32 (float64 for float64 inputs).
+    """Computes Σ w·CE of the logits hidden @ head.T without materialising them, and per token [N]
+    its CE and [argmax = target] (0 where w = 0), all in float32 (float64 for float64 inputs).
 
     hidden [N, H] and head [V, H] share a dtype; targets [N] int; target_weights [N] ≥ 0, zero for
-    every token that is not supervised (its target is never read). Only the sum is
-    differentiable. supervised: the indices of the tokens with w ≠ 0 when the caller knows them
-    (train.py does, from the data); finding them here is a host sync, as the number of chunks
-    depends on it. vocab_size: the rows of head that are tokens, when the others pad it
-    (ModelConfig.vocab_multiple)."""
+    every token that is not supervised (its target is never read). Only the sum is differentiable.
+    supervised: the indices of the tokens with w ≠ 0 when the caller knows them (train.py does, from
+    the data); finding them here is a host sync, as the number of chunks depends on it. vocab_size:
+    the rows of head that are tokens, when the others pad it (ModelConfig.vocab_multiple)."""
     if hidden.dtype != head.dtype:
         raise TypeError(f"hidden states are {hidden.dtype} but the output head is {head.dtype}")
     if supervised is None:

@@ -100,8 +100,8 @@ class Generator:
 
     def prompt_ids(self, messages: list[Message], condition: str | None = None,
                    system: str | None = None):
-        """The ids the model answers from: the training template up to the assistant prefix. A
-        condition the model never saw in training would prompt it with nonsense: refused."""
+        """Returns the ids the model answers from: the training template up to the assistant prefix.
+        A condition the model never saw in training would prompt it with nonsense: refused."""
         condition = self.inference_condition if condition is None else condition
         if condition not in self.conditions:
             raise ValueError(f"unknown condition {condition!r}: the model was trained with "
@@ -113,7 +113,7 @@ class Generator:
         return ids
 
     def ensure_cache(self, batch_size: int, length: int):
-        """A cache at least this large; kept while it is, so that compiled steps see the same
+        """Makes a cache at least this large; kept while it is, so that compiled steps see the same
         buffers, and grown in a few sizes only (powers of two, at least 256 positions, at most the
         context), so that a compiled step meets few shapes and does not recompile for each longer
         prompt. The rows being decoded keep their keys and values when it grows."""
@@ -181,9 +181,9 @@ class Generator:
 
     @torch.no_grad()
     def decode_step(self):
-        """One token for every running request: each row's last token fed at its position. The
-        batch is the rows up to the last one running (in a few sizes, for a compiled step); a free
-        row among them decodes alongside, into its first cache slot, its output unused."""
+        """Decodes one token for every running request: each row's last token fed at its position.
+        The batch is the rows up to the last one running (in a few sizes, for a compiled step); a
+        free row among them decodes alongside, into its first cache slot, its output unused."""
         for r in self.running():
             if r.cancelled:
                 self.rows[r.row] = None
@@ -228,7 +228,7 @@ class Generator:
                 self.finish(r, self.tokenizer.decode(r.tokens), "length")
 
     def finish(self, r: Request, text: str, reason: str):
-        """The answer whole (its text without the stop sequence), and its row freed."""
+        """Ends a request: its answer whole (its text without the stop sequence), its row freed."""
         r.completion = Completion(r.tokens, text.strip(), reason, len(r.prompt))
         self.rows[r.row] = None
         if r.on_done:
@@ -242,7 +242,7 @@ class Generator:
 
 
 def bucket(n: int, smallest: int) -> int:
-    """The first of smallest, 2·smallest, 4·smallest, … that holds n."""
+    """Returns the first of smallest, 2·smallest, 4·smallest, … that holds n."""
     size = smallest
     while size < n:
         size *= 2
@@ -250,7 +250,7 @@ def bucket(n: int, smallest: int) -> int:
 
 
 def right_padded(sequences: list[list[int]], device) -> torch.Tensor:
-    """The token ids as one [B, longest] batch, each row a sequence followed by zeros."""
+    """Puts the token ids in one [B, longest] batch, each row a sequence followed by zeros."""
     batch = torch.zeros(len(sequences), max(map(len, sequences)), dtype=torch.long)
     for row, s in enumerate(sequences):
         batch[row, :len(s)] = torch.tensor(s)
@@ -258,8 +258,9 @@ def right_padded(sequences: list[list[int]], device) -> torch.Tensor:
 
 
 def sample(logits, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
-    """The next token of each row from its logits [B, V]: argmax at temperature 0, otherwise a draw
-    from the tempered distribution cut to the top_k tokens and to the top_p probability mass."""
+    """Picks the next token of each row from its logits [B, V]: argmax at temperature 0, otherwise a
+    draw from the tempered distribution cut to the top_k tokens and to the top_p probability mass.
+    """
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -306,9 +307,9 @@ def chat(gen: Generator, cfg: SampleConfig):
 
 
 def fit_history(gen: Generator, history: list[Message], condition: str, cfg: SampleConfig):
-    """(history, prompt ids), the oldest exchanges dropped, and said so, until the prompt leaves
-    room for an answer (--max-new-tokens, or half the context if that is less); (history without
-    its last message, None) when the last message alone does not fit."""
+    """Returns (history, prompt ids), the oldest exchanges dropped (and said so) until the prompt
+    leaves room for an answer (--max-new-tokens, or half the context if that is less); (history
+    without its last message, None) when the last message alone does not fit."""
     context = gen.model.config.max_seq_len
     prompt = gen.prompt_ids(history, condition, cfg.system)
     dropped = 0
@@ -330,9 +331,9 @@ def generate_for(gen: Generator, cfg: SampleConfig, prompts, on_token=None):
 
 
 def read_prompts(path: Path):
-    """(record, messages, system) of each record {"prompt": str} or {"messages": [{"role",
-    "content"}]}, with optional "condition" and "system" strings; a bad one names its file and
-    line."""
+    """Reads a file of prompts: (record, messages, system) of each record {"prompt": str} or
+    {"messages": [{"role", "content"}]}, with optional "condition" and "system" strings; a bad one
+    names its file and line."""
     items = []
     for item, where in read_records(path):
         if isinstance(item, BadInput):
@@ -345,7 +346,8 @@ def read_prompts(path: Path):
 
 
 def prompt_record(item) -> tuple[list[Message], str | None]:
-    """(messages, system) of one record of a prompts file, or ValueError saying what is wrong."""
+    """Returns (messages, system) of one record of a prompts file, or ValueError saying what is
+    wrong."""
     if not isinstance(item, dict):
         raise ValueError(f"a record is a JSON object, not {type(item).__name__}")
     for key in ("prompt", "condition", "system"):
@@ -359,8 +361,8 @@ def prompt_record(item) -> tuple[list[Message], str | None]:
 
 
 def batch_file(gen: Generator, cfg: SampleConfig, items: list):
-    """The answers to a file of prompts, written whole at the end; if generation fails or is
-    interrupted midway, the answers finished so far are written, and said so."""
+    """Answers a file of prompts, written whole at the end; if generation fails or is interrupted
+    midway, the answers finished so far are written, and said so."""
     results = []
     progress = Progress("prompts", len(items))
     try:
@@ -393,7 +395,7 @@ def check_config(cfg: SampleConfig):
 
 
 def run(cfg: SampleConfig):
-    """The outputs and inputs checked first, then the model loaded and used one of four ways."""
+    """Checks the outputs and inputs first, then loads the model and uses it one of four ways."""
     check_config(cfg)
     if cfg.output:
         check_output(Path(cfg.output), cfg.overwrite)

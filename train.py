@@ -132,7 +132,7 @@ RECIPES = {
 
 
 def load_config(argv) -> TrainConfig:
-    """--preset first, then every other flag over the preset's values."""
+    """Parses the flags: --preset first, then every other flag over the preset's values."""
     preset = parse(TrainConfig, argv, __doc__).preset
     if preset not in RECIPES:
         raise SystemExit(f"unknown preset {preset!r}; presets: {', '.join(RECIPES)}")
@@ -164,11 +164,11 @@ def check_config(cfg: TrainConfig):
 
 
 def make_mesh(device, world: int, replicate: int):
-    """FSDP: one mesh dimension, every rank holds 1/world of each parameter. HSDP (replicate R):
-    R × world/R, each group of world/R ranks (a node, laid out so by torchrun's consecutive
-    ranks) shards the model and the R groups replicate it: the parameters' all-gathers and the
-    gradients' reduce-scatters stay inside a group, and only an all-reduce of each group's shard
-    crosses between groups."""
+    """Lays the ranks out. FSDP: one mesh dimension, every rank holds 1/world of each parameter.
+    HSDP (replicate R): R × world/R, each group of world/R ranks (a node, laid out so by torchrun's
+    consecutive ranks) shards the model and the R groups replicate it: the parameters' all-gathers
+    and the gradients' reduce-scatters stay inside a group, and only an all-reduce of each group's
+    shard crosses between groups."""
     if replicate == 1:
         return init_device_mesh(device.type, (world,))
     return init_device_mesh(device.type, (replicate, world // replicate),
@@ -201,10 +201,10 @@ def parallelize(model: Transformer, mesh, cfg: TrainConfig, compute_dtype):
 
 def build_model(cfg: TrainConfig, meta: dict, mesh, device, compute_dtype,
                 log=lambda *a, **k: None) -> Transformer:
-    """From scratch: initialised whole on every rank with the same seed (small models: the demo),
-    then sharded. From a base: built on the meta device, sharded, and each rank reads its own rows
-    of every tensor (a 13B base is read once per node, not once per rank); the rows of the
-    template's new tokens start as the mean of the base's rows (which rows they are:
+    """Builds the sharded model. From scratch: initialised whole on every rank with the same seed
+    (small models: the demo), then sharded. From a base: built on the meta device, sharded, and each
+    rank reads its own rows of every tensor (a 13B base is read once per node, not once per rank);
+    the rows of the template's new tokens start as the mean of the base's rows (which rows they are:
     infra/hf.py's vocabulary_rows), and so do the base's own rows of template tokens it never
     trained (METHOD.md §2)."""
     vocab_multiple = cfg.vocab_multiple or (64 if device.type == "cuda" else 1)
@@ -278,20 +278,21 @@ def make_batch(split: data.Split, conversations: list[int], device) -> Batch:
 
 
 def step_supervised_tokens(split: data.Split, cfg: TrainConfig, world: int) -> float:
-    """S of METHOD.md §7 as the reference's calculate_auto_lr computes it: a step's capacity in
+    """Estimates S of METHOD.md §7 as the reference's calculate_auto_lr does: a step's capacity in
     tokens times the share of the data's tokens that are supervised."""
     share = np.count_nonzero(split.target_weights) / len(split.target_weights)
     return cfg.batch_max_len * world * cfg.grad_accum * share
 
 
 def auto_lr(supervised_tokens_per_step: float, scale: float = 1.0) -> float:
-    """METHOD.md §7: 3e-4 · sqrt(S / 4e6), S the supervised tokens of one optimizer step (the paper:
-    ~200k → 6.7e-5)."""
+    """Returns METHOD.md §7's peak learning rate, 3e-4 · sqrt(S / 4e6), S the supervised tokens of
+    one optimizer step (the paper: ~200k → 6.7e-5)."""
     return 3e-4 * math.sqrt(supervised_tokens_per_step / 4e6) * scale
 
 
 def learning_rate(step: float, total_steps: float, peak: float, cfg: TrainConfig) -> float:
-    """Linear warm-up over cfg.warmup of the steps, then cosine down to cfg.min_lr of the peak."""
+    """Returns the rate at a step of the schedule: a linear warm-up over cfg.warmup of the steps,
+    then a cosine down to cfg.min_lr of the peak."""
     warmup = max(1, round(cfg.warmup * total_steps))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -304,14 +305,14 @@ def learning_rate(step: float, total_steps: float, peak: float, cfg: TrainConfig
 
 
 def conversation_weights(split: data.Split) -> np.ndarray:
-    """Σ w of each conversation of the split, in float64, computed once per run."""
+    """Sums the target weights of each conversation of the split, in float64, once per run."""
     return np.add.reduceat(np.asarray(split.target_weights, dtype=np.float64), split.offsets)
 
 
 def step_weight_sum(conversation_weight: np.ndarray, bins: list[list[int]]) -> float:
-    """The denominator of METHOD.md §4: Σ w over every conversation of one optimizer step, the bins
-    of every rank and micro-batch. Every rank has the whole plan, so every rank knows it without a
-    collective."""
+    """Returns the denominator of METHOD.md §4: Σ w over every conversation of one optimizer step,
+    the bins of every rank and micro-batch. Every rank has the whole plan, so every rank knows it
+    without a collective."""
     return float(sum(conversation_weight[b].sum() for b in bins))
 
 
@@ -359,9 +360,9 @@ def add_class_sums(sums: torch.Tensor, batch: Batch, ce, correct):
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices and embeddings, not on the norm gains. foreach: the
-    sharded (DTensor) parameters would otherwise take the per-parameter loop (twice the optimizer
-    time measured for the demo model on the CPU)."""
+    """Makes AdamW with weight decay on the matrices and embeddings, not on the norm gains. foreach:
+    the sharded (DTensor) parameters would otherwise take the per-parameter loop (twice the
+    optimizer time measured for the demo model on the CPU)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -371,9 +372,9 @@ def make_optimizer(model, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
 
 def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_classes: int,
                    grad_clip: float, loss: str = "fused"):
-    """One optimizer step: forward_backward, the gradient norm clipped, and the update, applied only
-    when the norm is finite (one host sync per step): a non-finite loss changes nothing. Returns
-    forward_backward's sums and losses, and the norm."""
+    """Takes one optimizer step: forward_backward, the gradient norm clipped, and the update,
+    applied only when the norm is finite (one host sync per step): a non-finite loss changes
+    nothing. Returns forward_backward's sums and losses, and the norm."""
     sums, losses = forward_backward(model, batches, weight_sum, n_classes, loss)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -384,7 +385,8 @@ def optimizer_step(model, optimizer, batches: list[Batch], weight_sum: float, n_
 
 
 def non_finite_loss(position: Position, my_streams, losses) -> JobError:
-    """The error for a step whose gradient norm is not finite, naming every rank's culprits."""
+    """Makes the error for a step whose gradient norm is not finite, naming every rank's culprits.
+    """
     bad = [f"micro-batch {i + 1} (conversations {b})"
            for i, (b, loss) in enumerate(zip(my_streams, losses.tolist()))
            if not math.isfinite(loss)]
@@ -450,8 +452,9 @@ def train(cfg: TrainConfig, stop_requests: StopRequests | None = None):
 def run_steps(model, optimizer, split, plan, start: Position, peak_lr: float, cfg: TrainConfig,
               checkpoints: Checkpointer, exports: Exporter, metrics: MetricsLog,
               stop_requests: StopRequests | None):
-    """The loop: the plan's steps from `start`, each followed by its log row, checkpoint and export
-    when due. A stop request ends the run after the step it came in, logged and checkpointed."""
+    """Runs the loop: the plan's steps from `start`, each followed by its log row, checkpoint and
+    export when due. A stop request ends the run after the step it came in, logged and checkpointed.
+    """
     rank, device = dist.get_rank(), default_device()
     n_classes = len(metrics.sources)
     for position, bins in plan.steps(start):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def arg(default, help: str):
-    """A config field with its default and a one-line meaning for --help."""
+    """Declares a config field with its default and a one-line meaning for --help."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default),
                                  metadata={"help": help})
@@ -40,9 +40,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def parse(cls, argv, description: str = "", defaults=None):
-    """An instance of the dataclass cls from argv (flags --key=value, --key value, or --flag for a
-    bool); unset flags take their values from `defaults` (an instance of cls) or else the field
-    defaults."""
+    """Parses argv into an instance of the dataclass cls (flags --key=value, --key value, or --flag
+    for a bool); unset flags take their values from `defaults` (an instance of cls) or else the
+    field defaults."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -83,9 +83,9 @@ def check_ranges(cfg, in_range: dict[str, bool]):
 
 
 def run_command(cls, run, argv, description: str) -> int:
-    """run(config from argv); a mistake in the input, the files or the flags (ValueError, OSError)
-    is one `error:` line on stderr and exit status 1, not a traceback; Ctrl-C is exit status 130,
-    after what `run` keeps of the work finished (its `finally`)."""
+    """Runs run(config from argv); a mistake in the input, the files or the flags (ValueError,
+    OSError) is one `error:` line on stderr and exit status 1, not a traceback; Ctrl-C is exit
+    status 130, after what `run` keeps of the work finished (its `finally`)."""
     try:
         run(parse(cls, argv, description))
     except (ValueError, OSError) as e:
@@ -98,7 +98,8 @@ def run_command(cls, run, argv, description: str) -> int:
 
 
 def run_commands(commands: dict, argv, doc: str) -> int:
-    """`program COMMAND --flags`, commands[COMMAND] = (config class, function, one-line help)."""
+    """Runs `program COMMAND --flags`, commands[COMMAND] = (config class, function, one-line help).
+    """
     if not argv or argv[0] not in commands:
         print(doc + "\ncommands: " + ", ".join(f"{name} ({help})" for name, (_, _, help)
                                               in commands.items())

@@ -41,7 +41,7 @@ class ExportInfo:
 
     @classmethod
     def of_dataset(cls, meta: dict, dataset, step: int = 0) -> "ExportInfo":
-        """The info of a model trained `step` steps on a dataset (its meta.json)."""
+        """Makes the info of a model trained `step` steps on a dataset (its meta.json)."""
         tok = meta["tokenizer"]
         return cls(meta["template"], meta["inference_condition"], meta["conditions"],
                    meta["sources"], tok["file"], tok["sha256"], str(Path(dataset).resolve()), step)
@@ -120,7 +120,7 @@ class Exporter:
         self.last = None
 
     def name(self, position, plan) -> str | None:
-        """The export due after the step that ends at `position`, if any."""
+        """Names the export due after the step that ends at `position`, if any."""
         if position.step_in_epoch == len(plan.epochs[position.epoch]):
             return f"epoch-{position.epoch + 1}"
         return f"step-{position.step}" if position.step == plan.total_steps else None
@@ -141,7 +141,7 @@ class Exporter:
             self.after_step(position, plan)
 
     def newest(self) -> Path | None:
-        """The newest export already in the run directory."""
+        """Finds the newest export already in the run directory."""
         exports = sorted(self.folder.glob("[!.]*"), key=lambda p: p.stat().st_mtime)
         return exports[-1] if exports else None
 

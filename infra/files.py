@@ -23,8 +23,9 @@ class WriteFailed(OSError):
 
 
 def write_failed(path: Path, e: BaseException) -> WriteFailed | None:
-    """The WriteFailed for an exception raised while writing `path`, None if it is no write error.
-    Libraries that wrap the OS's error in their own (safetensors: "(os error 28)") are read too."""
+    """Returns the WriteFailed for an exception raised while writing `path`, None if it is no write
+    error. Libraries that wrap the OS's error in their own (safetensors: "(os error 28)") are read
+    too."""
     if isinstance(e, WriteFailed):
         return e
     code = e.errno if isinstance(e, OSError) else None
@@ -39,8 +40,8 @@ def write_failed(path: Path, e: BaseException) -> WriteFailed | None:
 
 
 def short_write_reason(path: Path) -> str | None:
-    """Why a write may have stopped short when the library that wrote says only that it did
-    (numpy, torch.save): a disk with (almost) no room left, or a limit on a file's size."""
+    """Guesses why a write stopped short when the library that wrote says only that it did (numpy,
+    torch.save): a disk with (almost) no room left, or a limit on a file's size."""
     folder = next((p for p in Path(path).absolute().parents if p.exists()), Path("/"))
     if shutil.disk_usage(folder).free < 2**20:
         return "no space left on the device"
@@ -50,8 +51,8 @@ def short_write_reason(path: Path) -> str | None:
 
 
 def check_output(path: Path, overwrite: bool = False) -> Path:
-    """An output file, before the work that fills it: its folder made if missing and writable, and a
-    file already there refused unless overwrite."""
+    """Checks an output file before the work that fills it: its folder made if missing and writable,
+    and a file already there refused unless overwrite."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder: give the file to write")
@@ -62,7 +63,8 @@ def check_output(path: Path, overwrite: bool = False) -> Path:
 
 
 def check_writable_folder(folder: Path):
-    """A folder that outputs will go into: made if missing, and a file can be created in it."""
+    """Checks a folder that outputs will go into: made if missing, and a file can be created in it.
+    """
     probe = Path(folder) / f".write-test-{os.getpid()}"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -73,8 +75,8 @@ def check_writable_folder(folder: Path):
 
 
 def write_atomically(path: Path, write):
-    """write(tmp) fills a temporary file beside path, which then replaces path; a failed write
-    leaves no temporary file behind."""
+    """Writes a file whole or not at all: write(tmp) fills a temporary file beside path, which then
+    replaces path; a failed write leaves no temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -95,7 +97,8 @@ def write_json(path: Path, obj):
 
 
 def write_bytes(path: Path, data):
-    """A file of a folder being written whole (write_directory), its write errors as WriteFailed."""
+    """Writes a file of a folder being written whole (write_directory), its write errors as
+    WriteFailed."""
     try:
         Path(path).write_bytes(data)
     except OSError as e:
@@ -112,9 +115,10 @@ def read_json(path: Path):
 
 
 def write_directory(target: Path, fill):
-    """fill(tmp) writes a whole folder beside target, which then takes target's place; if fill fails
-    (a full disk, Ctrl-C), the temporary folder goes and target is untouched. A failed write
-    (WriteFailed: write_bytes, write_text) names the file as it would have been in target."""
+    """Writes a folder whole or not at all: fill(tmp) writes it beside target, which then takes
+    target's place; if fill fails (a full disk, Ctrl-C), the temporary folder goes and target is
+    untouched. A failed write (WriteFailed: write_bytes, write_text) names the file as it would have
+    been in target."""
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -129,8 +133,8 @@ def write_directory(target: Path, fill):
 
 
 def replace_directory(new: Path, target: Path):
-    """A complete folder `new` takes target's place: an old target is moved aside first and removed
-    after, so a crash in between leaves one of the two whole."""
+    """Puts a complete folder `new` in target's place: an old target is moved aside first and
+    removed after, so a crash in between leaves one of the two whole."""
     old = target.with_name(f"{target.name}.old-{os.getpid()}")
     if target.exists():
         os.rename(target, old)

@@ -39,9 +39,9 @@ def class_shares(meta: dict) -> str:
 
 
 def per_class_losses(sums, sources: list[dict]) -> list[dict]:
-    """Each class's weighted loss Σ w·CE / Σ w (METHOD.md §4's L, one class at a time) from its
-    sums, a row [Σ w·CE, Σ w·correct, Σ w] per class (train.add_class_sums); None for a class with
-    no supervised token in them."""
+    """Computes each class's weighted loss Σ w·CE / Σ w (METHOD.md §4's L, one class at a time) from
+    its sums, a row [Σ w·CE, Σ w·correct, Σ w] per class (train.add_class_sums); None for a class
+    with no supervised token in them."""
     return [{"class": c, "condition": source["condition"], "weight": source["weight"],
              "loss": ce / weight if weight else None}
             for c, (source, (ce, _, weight)) in enumerate(zip(sources, sums))]
@@ -89,7 +89,7 @@ def peak_memory_gib(device) -> float:
 
 
 def run_summary(cfg, plan, peak_lr: float, world: int, device, compute_dtype) -> str:
-    """The run in one line: its processes, its data and plan, its learning rate."""
+    """Says the run in one line: its processes, its data and plan, its learning rate."""
     threads = f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else ""
     sharding = f"HSDP {cfg.replicate} x {world // cfg.replicate}" if cfg.replicate > 1 else "FSDP"
     return (f"{world} rank(s) on {device.type}{threads}, {sharding}, {compute_dtype}; "

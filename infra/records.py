@@ -36,7 +36,8 @@ class Conversation:
     where: str  # file and line, for messages about it
 
     def texts(self) -> list[str]:
-        """What the tokenizer encodes: the system prompt if any, then each message's text."""
+        """Returns what the tokenizer encodes: the system prompt if any, then each message's text.
+        """
         return ([self.system] if self.system else []) + [m.text for m in self.messages]
 
 
@@ -89,8 +90,8 @@ class Source:
 
 
 def parse_source_flag(text: str) -> Source:
-    """CONDITION:WEIGHT:FILE[,FILE...][@FIELD=VALUE[|VALUE...]] (or @FIELD!=...), as given to
-    --source."""
+    """Parses a --source flag: CONDITION:WEIGHT:FILE[,FILE...][@FIELD=VALUE[|VALUE...]] (or
+    @FIELD!=...)."""
     parts = text.split(":", 2)
     if len(parts) != 3 or not parts[2]:
         raise ValueError(f"--source={text!r}: expected CONDITION:WEIGHT:FILE[,FILE...]"
@@ -108,9 +109,10 @@ def parse_source_flag(text: str) -> Source:
 
 
 def read_source_spec(path: Path) -> list[Source]:
-    """A JSON list of {"condition", "weight", "files", "where"?}; relative file names are relative
-    to the spec. "where": {FIELD: VALUE or [VALUE, ...]} takes the records whose field is one of
-    them, {FIELD: {"not": VALUE or [...]}} those whose field is none of them."""
+    """Reads a --sources file, a JSON list of {"condition", "weight", "files", "where"?}; relative
+    file names are relative to the spec. "where": {FIELD: VALUE or [VALUE, ...]} takes the records
+    whose field is one of them, {FIELD: {"not": VALUE or [...]}} those whose field is none of them.
+    """
     expected = (f"{path}: expected a JSON list of {{\"condition\": str, \"weight\": number, "
                 f"\"files\": [str, ...], \"where\"?: {{FIELD: VALUE}}}}")
     try:
@@ -134,7 +136,8 @@ def read_source_spec(path: Path) -> list[Source]:
 
 
 def parse_where(where, what: str) -> Selector:
-    """{FIELD: VALUE or [VALUE, ...]}, or {FIELD: {"not": VALUE or [VALUE, ...]}}."""
+    """Parses a source's "where": {FIELD: VALUE or [VALUE, ...]}, or {FIELD: {"not": VALUE or
+    [VALUE, ...]}}."""
     expected = ValueError(f"{what} must be {{FIELD: VALUE or [VALUE, ...]}} or {{FIELD: "
                           f"{{\"not\": VALUE or [VALUE, ...]}}}}, not {json.dumps(where)[:80]}")
     if not (isinstance(where, dict) and len(where) == 1):
@@ -170,7 +173,7 @@ BYTE_ORDER_MARKS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32"
 
 
 def read_text(path: Path) -> str:
-    """A file's text. Invalid UTF-8 is kept as lone surrogates and refused where it is used; a
+    """Reads a file's text. Invalid UTF-8 is kept as lone surrogates and refused where it is used; a
     UTF-8 byte order mark is dropped; a file in another encoding (UTF-16 or UTF-32, with or without
     a byte order mark) is refused whole, named as such."""
     if not path.exists():
@@ -215,7 +218,8 @@ def read_records(path: Path):
 
 
 def one_object(text: str) -> bool:
-    """Whether a text of several lines is a single JSON object (JSONL has a record per line)."""
+    """Tells whether a text of several lines is a single JSON object (JSONL has a record per line).
+    """
     if "\n" not in text.strip():
         return False
     try:
@@ -225,8 +229,8 @@ def one_object(text: str) -> bool:
 
 
 def read_all_records(path: Path) -> list:
-    """Every record of a file whose records must all parse (prompts, questions): the first that does
-    not is an error naming its line."""
+    """Reads every record of a file whose records must all parse (prompts, questions): the first
+    that does not is an error naming its line."""
     records = []
     for record, _ in read_records(path):
         if isinstance(record, BadInput):
@@ -250,9 +254,10 @@ def jsonl_items(text: str, path: Path):
 
 
 def json_array_items(text: str, path: Path):
-    """Record by record (json.JSONDecoder.raw_decode). A file cut off inside its last record (the
-    real ShareGPT file is one) yields what precedes the cut and then the cut record as bad input. A
-    fault anywhere else leaves the following records unfindable: UnreadableFile."""
+    """Yields a JSON array's items record by record (json.JSONDecoder.raw_decode). A file cut off
+    inside its last record (the real ShareGPT file is one) yields what precedes the cut and then the
+    cut record as bad input. A fault anywhere else leaves the following records unfindable:
+    UnreadableFile."""
     ws = re.compile(r"\s*")
     pos = ws.match(text, text.index("[") + 1).end()
     line, counted, index = 1, 0, 0
@@ -309,8 +314,8 @@ def get_field(obj, key: str, kind, where: str, what: str, required=True):
 
 
 def checked_text(text: str, where: str, what: str) -> str:
-    """A message's text: something to see (not only spaces, zero-width or control characters), in
-    valid UTF-8."""
+    """Checks a message's text: something to see (not only spaces, zero-width or control
+    characters), in valid UTF-8."""
     if not text.strip():
         raise BadInput("empty_message", where, f"{what} is empty")
     if not any(c.isprintable() and not c.isspace() for c in text):
@@ -319,8 +324,8 @@ def checked_text(text: str, where: str, what: str) -> str:
 
 
 def checked_utf8(text: str, where: str, what: str) -> str:
-    """Invalid UTF-8 in a file, or a lone surrogate escaped in its JSON, cannot be tokenized:
-    refused."""
+    """Refuses text that cannot be tokenized: invalid UTF-8 in a file, or a lone surrogate escaped
+    in its JSON."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -330,15 +335,15 @@ def checked_utf8(text: str, where: str, what: str) -> str:
 
 
 def system_first(role: str, i: int, where: str, what: str):
-    """A system message is the conversation's system prompt: first, or refused."""
+    """Checks that a system message, the conversation's system prompt, comes first."""
     if role == "system" and i != 0:
         raise BadInput("misplaced_system", where, f"{what}: a system message must come first")
 
 
 def parse_openchat(record: dict, where: str) -> tuple[list[Message], str | None, str | None]:
-    """(messages, condition, system) of {"items", "condition"?, "system"?}. A "system" item is the
-    system prompt when it is the first item and the record has no "system" field; anywhere else it
-    is refused."""
+    """Reads an OpenChat record {"items", "condition"?, "system"?} as (messages, condition, system).
+    A "system" item is the system prompt when it is the first item and the record has no "system"
+    field; anywhere else it is refused."""
     items = get_field(record, "items", list, where, "the record")
     condition = get_field(record, "condition", str, where, "the record", required=False)
     system = get_field(record, "system", str, where, "the record", required=False) or None
@@ -370,7 +375,8 @@ def parse_openchat(record: dict, where: str) -> tuple[list[Message], str | None,
 
 
 def parse_sharegpt(record: dict, where: str) -> tuple[list[Message], str | None]:
-    """(messages, system) of {"conversations": [{"from", "value"}]}: a system message first only."""
+    """Reads a ShareGPT record {"conversations": [{"from", "value"}]} as (messages, system): a
+    system message first only."""
     turns = get_field(record, "conversations", list, where, "the record")
     system, messages = None, []
     for i, turn in enumerate(turns):
@@ -391,7 +397,7 @@ def parse_sharegpt(record: dict, where: str) -> tuple[list[Message], str | None]
 
 
 def parse_record(record, source: Source, class_id: int, where: str) -> Conversation:
-    """A ShareGPT or an OpenChat record as a Conversation of its source's class; an OpenChat
+    """Reads a ShareGPT or an OpenChat record as a Conversation of its source's class; an OpenChat
     record's own condition wins over its source's."""
     if not isinstance(record, dict):
         raise BadInput("wrong_type", where, f"a record must be a JSON object, not "
@@ -412,8 +418,8 @@ def parse_record(record, source: Source, class_id: int, where: str) -> Conversat
 
 def read_conversations(sources: list[Source], skip_bad: bool,
                        counts: Counter) -> list[Conversation]:
-    """Every conversation of every source (of the records it selects; those no source selects are
-    counted). Bad input raises, or with skip_bad is counted by reason, once however many sources
+    """Reads every conversation of every source (of the records it selects; those no source selects
+    are counted). Bad input raises, or with skip_bad is counted by reason, once however many sources
     read its file. Leading assistant turns are removed: ShareGPT splits long conversations, and a
     part that starts with an answer has lost its question (FastChat's training code skips them the
     same way)."""
@@ -488,9 +494,9 @@ UNWANTED_PHRASES = (
 
 def reference_cleaning(conversations: list[Conversation], n_classes: int, dedup: bool,
                        unwanted: bool, counts: Counter) -> tuple[list[Conversation], list[int]]:
-    """The reference's cleaning, each step as asked: duplicates removed (remove_duplicates), answers
-    with unwanted phrases weighing 0 (zero_unwanted). Returns the conversations and the duplicates
-    removed from each class."""
+    """Applies the reference's cleaning, each step as asked: duplicates removed (remove_duplicates),
+    answers with unwanted phrases weighing 0 (zero_unwanted). Returns the conversations and the
+    duplicates removed from each class."""
     removed = [0] * n_classes
     if dedup:
         conversations, removed = remove_duplicates(conversations, n_classes, counts)
@@ -500,8 +506,8 @@ def reference_cleaning(conversations: list[Conversation], n_classes: int, dedup:
 
 
 def zero_unwanted(conversations: list[Conversation], counts: Counter):
-    """Weight 0 for every answer containing an unwanted phrase, the rest of its conversation kept,
-    as the reference's generate_dataset.py does (use_loss False); counted."""
+    """Gives weight 0 to every answer containing an unwanted phrase, the rest of its conversation
+    kept, as the reference's generate_dataset.py does (use_loss False); counted."""
     phrases = [p.lower() for p in UNWANTED_PHRASES]
     for c in conversations:
         for m in c.messages:
@@ -512,10 +518,10 @@ def zero_unwanted(conversations: list[Conversation], counts: Counter):
 
 def remove_duplicates(conversations: list[Conversation], n_classes: int,
                       counts: Counter) -> tuple[list[Conversation], list[int]]:
-    """The conversations with each exact duplicate in its class (the same system prompt and
-    messages, whitespace normalised) after its first removed, as the reference's clean_sharegpt.py
-    removed ShareGPT's; returns them and the duplicates removed from each class. The same
-    conversation in two classes is kept in both: whoever declares it twice asks for that."""
+    """Removes each exact duplicate in its class (the same system prompt and messages, whitespace
+    normalised) after its first removed, as the reference's clean_sharegpt.py removed ShareGPT's;
+    returns them and the duplicates removed from each class. The same conversation in two classes is
+    kept in both: whoever declares it twice asks for that."""
     seen, kept, removed = set(), [], [0] * n_classes
     for c in conversations:
         texts = [c.system or ""] + [f"{m.role} {m.text}" for m in c.messages]
@@ -531,8 +537,8 @@ def remove_duplicates(conversations: list[Conversation], n_classes: int,
 
 def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: bool,
              counts: Counter) -> bool:
-    """Whether a conversation of n_tokens > max_len is kept, cut to max_len (truncate, counted);
-    else it is bad input, raised or skipped and counted (skip_bad)."""
+    """Decides whether a conversation of n_tokens > max_len is kept, cut to max_len (truncate,
+    counted); else it is bad input, raised or skipped and counted (skip_bad)."""
     if truncate:
         counts["truncated"] += 1
         return True
@@ -545,8 +551,8 @@ def keep_cut(n_tokens: int, where: str, max_len: int, truncate: bool, skip_bad: 
 
 
 def counts_report(counts: Counter) -> dict:
-    """What meta.json says of the records: read, skipped as bad input by reason, dropped, modified,
-    and noted (kept as they are)."""
+    """Says what meta.json records of the records: read, skipped as bad input by reason, dropped,
+    modified, and noted (kept as they are)."""
     modified = ("leading_assistant_turns_removed", "truncated", "unwanted_answers_zeroed",
                 "trailing_unweighted_tokens_dropped")
     return {"read": {"records": counts["records"]},
@@ -558,8 +564,8 @@ def counts_report(counts: Counter) -> dict:
 
 
 def read_texts(path: Path) -> list[tuple[str, str]]:
-    """(text, where) for each record {"text"} of a plain-text JSONL file; bad input names file and
-    line."""
+    """Reads (text, where) of each record {"text"} of a plain-text JSONL file; bad input names file
+    and line."""
     texts = []
     for record, where in read_records(path):
         if isinstance(record, BadInput):

@@ -96,8 +96,8 @@ class RunPlan:
 
 def make_plan(split: data.Split, cfg, conversation_weight: np.ndarray, epochs: list,
               position: Position, replanned, schedule: ScheduleMap) -> RunPlan:
-    """A RunPlan of the epochs' steps from `position`: the steps done before its epoch, and every
-    step of the epochs from it."""
+    """Makes a RunPlan of the epochs' steps from `position`: the steps done before its epoch, and
+    every step of the epochs from it."""
     total_steps = (position.step - position.step_in_epoch
                    + sum(len(p) for p in epochs[position.epoch:]))
     if cfg.max_steps:
@@ -122,9 +122,9 @@ def plan_run(split: data.Split, cfg, conversation_weight: np.ndarray, world: int
 
 
 def replan_resumed(split, cfg, conversation_weight, epochs, world: int, saved) -> RunPlan:
-    """A resume with the same streams per step (ranks × micro-batches) goes on with the saved plan
-    exactly. With another number, the conversations the epoch has not trained on are packed for
-    the new streams, as are the later epochs, and the schedule map is re-anchored: every
+    """Plans a resumed run. With the same streams per step (ranks × micro-batches) it goes on with
+    the saved plan exactly. With another number, the conversations the epoch has not trained on are
+    packed for the new streams, as are the later epochs, and the schedule map is re-anchored: every
     conversation still trains once per epoch, and the schedule ends where it would have."""
     at, replan = saved.position, saved.epoch_replan
     saved_cfg = replace(cfg, grad_accum=saved.grad_accum)
@@ -183,7 +183,7 @@ def describe_world_change(saved, grad_accum: int, world: int, plan: RunPlan) -> 
 
 
 def plan_fingerprint(plan: RunPlan) -> str:
-    """A fingerprint of what the run will train on: every step's conversations and their Σ w."""
+    """Fingerprints what the run will train on: every step's conversations and their Σ w."""
     digest = hashlib.sha256(repr(plan.epochs).encode())
     digest.update(plan.conversation_weight.tobytes())
     return digest.hexdigest()[:16]

@@ -32,7 +32,8 @@ class RequestError(ValueError):
 
 
 def parse_messages(messages) -> tuple[list[Message], str | None]:
-    """OpenAI chat messages → (user and assistant turns ending with a user turn, system prompt)."""
+    """Reads OpenAI chat messages as (user and assistant turns ending with a user turn, system
+    prompt)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
     system, turns = None, []
@@ -59,7 +60,8 @@ REQUEST_FIELDS = {"model": str, "messages": list, "max_tokens": int, "max_comple
 
 
 def check_request(body, gen) -> dict:
-    """The generation settings of a chat completion request, or RequestError naming the field."""
+    """Returns the generation settings of a chat completion request, or RequestError naming the
+    field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for key, kind in REQUEST_FIELDS.items():
@@ -182,10 +184,10 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"malformed JSON: {str(e) or 'nested too deeply'}") from None
 
     def stream(self, prompt, settings, reply_id, created, usage: bool):
-        """Server-sent events: a role chunk, content chunks as tokens come, a finish chunk (with
-        `usage`, stream_options.include_usage: then a chunk of the token counts), [DONE]; a
-        generation that fails ends with an error event, then [DONE]. A client that goes away frees
-        its row at the next decoding step."""
+        """Streams the answer as server-sent events: a role chunk, content chunks as tokens come, a
+        finish chunk (with `usage`, stream_options.include_usage: then a chunk of the token counts),
+        [DONE]; a generation that fails ends with an error event, then [DONE]. A client that goes
+        away frees its row at the next decoding step."""
         events = queue.SimpleQueue()  # the tokens as they come, then the Completion or the error
         request = Request(prompt, **settings, on_token=events.put, on_done=events.put)
         self.scheduler.submit(request)  # refused (503) before any of the stream is sent
@@ -242,7 +244,8 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection |= status >= 400
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own answers (a bad request line, headers too long, HEAD), in JSON too."""
+        """Sends http.server's own answers (a bad request line, headers too long, HEAD) in JSON too.
+        """
         self.send_json(code, error_body(message or HTTPStatus(code).phrase))
 
     def log_message(self, format, *args):
@@ -298,7 +301,7 @@ class Scheduler:
         self.fail([*self.waiting, *self.gen.running()], RuntimeError("the server stopped"))
 
     def decode(self, joining: list[Request]):
-        """One step of the batch, the joining requests' prefill first. A failure fails every
+        """Decodes one step of the batch, the joining requests' prefill first. A failure fails every
         request in the batch (each is told), and the server goes on with the next."""
         try:
             if joining:
@@ -322,7 +325,8 @@ class Scheduler:
 
 def make_server(gen, host: str, port: int, max_batch: int = 32,
                 max_waiting: int = 256) -> ThreadingHTTPServer:
-    """A thread per connection, and one Scheduler thread that decodes the requests together."""
+    """Makes the server: a thread per connection, and one Scheduler thread that decodes the requests
+    together."""
     bound = type("Handler", (Handler,), {"gen": gen,
                                           "scheduler": Scheduler(gen, max_batch, max_waiting)})
     return Server((host, port), bound)

@@ -19,13 +19,13 @@ from infra.files import write_atomically
 
 
 def open_tokenizer_file(path: Path):
-    """The backend for a file: a tokenizer.json by its suffix, else a SentencePiece model."""
+    """Opens the backend for a file: a tokenizer.json by its suffix, else a SentencePiece model."""
     return HFTokenizer(path) if path.suffix == ".json" else SentencePiece(path)
 
 
 def check_tokenizer_file(path: Path, expected_sha256: str, what: str, hint: str = ""):
-    """A tokenizer file must be byte for byte the one `what` (its recorded sha256): another would
-    give other ids."""
+    """Checks that a tokenizer file is byte for byte the one `what` (its recorded sha256): another
+    would give other ids."""
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if sha != expected_sha256:
         raise ValueError(f"{path} (sha256 {sha[:12]}…) is not the tokenizer {what} (sha256 "
@@ -64,8 +64,8 @@ class SentencePiece:
         return self.sp.decode(ids)
 
     def transformers_config(self) -> dict:
-        """How transformers is to load it. legacy: a "▁" after special tokens, as our separately
-        encoded pieces have, so that its ids are the training ids."""
+        """Says how transformers is to load it. legacy: a "▁" after special tokens, as our
+        separately encoded pieces have, so that its ids are the training ids."""
         return {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                 "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}
 
@@ -118,16 +118,16 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def transformers_config(self) -> dict:
-        """How transformers is to load it: as the fast tokenizer it describes."""
+        """Says how transformers is to load it: as the fast tokenizer it describes."""
         bos = None if self.bos_id is None else self.tok.id_to_token(self.bos_id)
         return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": None}
 
 
 def train_sentencepiece(texts: list[str], vocab_size: int, split_digits: bool, out: Path):
-    """A byte-fallback BPE model set up as Llama's: no normalisation, unk 0, BOS 1, EOS 2. No piece
-    joins a digit to a letter or punctuation ("12." stays "12" + "."), as GPT-2-style
+    """Trains a byte-fallback BPE model set up as Llama's: no normalisation, unk 0, BOS 1, EOS 2. No
+    piece joins a digit to a letter or punctuation ("12." stays "12" + "."), as GPT-2-style
     pre-tokenizers keep numbers apart: a delimiter that pieces never cross, seen only in training.
-    """
+"""
     texts = [re.sub(r"(?<=\d)(?=[^\d\s])|(?<=[^\d\s])(?=\d)", "\x1f", t) for t in texts]
     model = io.BytesIO()
     try:
