@@ -40,7 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 import data
-from infra.checkpoint import Checkpointer, check_run_directory, keep_metrics_up_to
+from infra.checkpoint import Checkpointer, check_run_directory
 from infra.cli import arg, check_ranges, parse
 from infra.exports import Exporter
 from infra.files import check_writable_folder, write_json
@@ -50,7 +50,7 @@ from infra.job import (JobError, StopRequests, Stopped, check_same_on_every_rank
                        gather_from_ranks, on_every_rank, rank_prefix, set_cpu_threads,
                        silence_expected_warnings, start_job)
 from infra.metrics import MetricsLog, class_shares, run_summary
-from infra.run_plan import Position, describe_world_change, plan_fingerprint, plan_run
+from infra.run_plan import Position, plan_fingerprint, plan_run
 from model import MODELS, ModelConfig, Transformer, default_device, default_dtype
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +427,8 @@ def train(cfg: TrainConfig, stop_requests: StopRequests | None = None):
     peak_lr = cfg.lr or (saved and saved.peak_lr) or auto_lr(
         step_supervised_tokens(split, cfg, world), cfg.lr_scale)
     start = saved.position if saved else Position()
-    if saved:
-        resume(saved, plan, cfg, exports, log)
+    if saved:  # what changed with the world size said, a half-written export written again
+        checkpoints.finish_resuming(saved, plan, cfg.grad_accum, exports, log)
     if start.step >= plan.total_steps:
         log(f"{out} is complete ({start.step} of {plan.total_steps} steps): nothing to do")
         return model, exports.newest()
@@ -494,17 +494,6 @@ def read_inputs(cfg: TrainConfig) -> tuple[dict, data.Split, str]:
     data_sha = hashlib.sha256((Path(cfg.data) / "meta.json").read_bytes()).hexdigest()
     check_run_directory(Path(cfg.out), cfg.resume, cfg.data, data_sha)
     return meta, split, data_sha
-
-
-def resume(saved, plan, cfg: TrainConfig, exports: Exporter, log):
-    """Says what changed with the world size, writes again the checkpoint's export if the run
-    stopped while writing it, and cuts metrics.jsonl back to the checkpoint."""
-    world = dist.get_world_size()
-    if (saved.world, saved.grad_accum) != (world, cfg.grad_accum):
-        log(describe_world_change(saved, cfg.grad_accum, world, plan))
-    exports.finish_after_resume(saved.position, plan, log)
-    if dist.get_rank() == 0 and saved.position.step < plan.total_steps:
-        keep_metrics_up_to(Path(cfg.out) / "metrics.jsonl", saved.position.step)
 
 
 def main(argv):

@@ -3,7 +3,7 @@ optimizer, sharded as they are, with where the run stood, saved whole or not at 
 any number of ranks; and the run directory itself, which holds one run.
 
 Read top to bottom: what a checkpoint holds besides the model and the optimizer; the run directory;
-the Checkpointer (save, load, resume).
+the Checkpointer (saving after a step, loading the newest that loads, finishing a resume).
 """
 
 import json
@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from infra.files import read_json, short_write_reason, write_failed, write_text
 from infra.job import JobError
-from infra.run_plan import EpochReplan, Position, RunPlan, ScheduleMap
+from infra.run_plan import EpochReplan, Position, RunPlan, ScheduleMap, describe_world_change
 
 
 @dataclass
@@ -170,6 +170,17 @@ class Checkpointer:
             return saved
         raise JobError(f"--resume: none of the {len(checkpoints)} checkpoints in {self.folder} "
                        f"loads")
+
+    def finish_resuming(self, saved: SavedProgress, plan: RunPlan, grad_accum: int, exports, log):
+        """Finishes a resume once the plan is made: says what changed with the world size, writes
+        again the checkpoint's export if the run stopped while writing it (exports: an
+        infra/exports.py Exporter), and cuts metrics.jsonl back to the checkpoint."""
+        world = dist.get_world_size()
+        if (saved.world, saved.grad_accum) != (world, grad_accum):
+            log(describe_world_change(saved, grad_accum, world, plan))
+        exports.rewrite_unfinished(saved.position, plan, log)
+        if dist.get_rank() == 0 and saved.position.step < plan.total_steps:
+            keep_metrics_up_to(self.folder.parent / "metrics.jsonl", saved.position.step)
 
 
 def save_failure(tmp: Path, e: BaseException) -> str:

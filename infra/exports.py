@@ -131,7 +131,7 @@ class Exporter:
             self.last = self.folder / name
             export(self.model, self.meta, self.dataset, self.dtype, self.last, position.step)
 
-    def finish_after_resume(self, position, plan, log):
+    def rewrite_unfinished(self, position, plan, log):
         """Writes again the export of the checkpoint resumed from if the run stopped while writing
         it (its crlft.json, written last, is missing)."""
         name = self.name(position, plan)

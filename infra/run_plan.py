@@ -126,35 +126,36 @@ def replan_resumed(split, cfg, conversation_weight, epochs, world: int, saved) -
     the saved plan exactly. With another number, the conversations the epoch has not trained on are
     packed for the new streams, as are the later epochs, and the schedule map is re-anchored: every
     conversation still trains once per epoch, and the schedule ends where it would have."""
-    at, replan = saved.position, saved.epoch_replan
+    resumed_at, replan = saved.position, saved.epoch_replan
+    epoch = resumed_at.epoch
     saved_cfg = replace(cfg, grad_accum=saved.grad_accum)
-    saved_epoch = pack_epoch(split, saved_cfg, saved.world, at.epoch,
+    saved_epoch = pack_epoch(split, saved_cfg, saved.world, epoch,
                              replan.trained if replan.old_steps else None)
     saved_epoch = [None] * replan.old_steps + saved_epoch
     if saved.world * saved.grad_accum == world * cfg.grad_accum:
-        epochs[at.epoch] = saved_epoch
-        return make_plan(split, cfg, conversation_weight, epochs, at, (at.epoch, replan),
+        epochs[epoch] = saved_epoch
+        return make_plan(split, cfg, conversation_weight, epochs, resumed_at, (epoch, replan),
                          saved.schedule)
-    later = [pack_epoch(split, saved_cfg, saved.world, e) for e in range(at.epoch + 1, cfg.epochs)]
+    later = [pack_epoch(split, saved_cfg, saved.world, e) for e in range(epoch + 1, cfg.epochs)]
     old_total = make_plan(split, saved_cfg, conversation_weight,
-                          epochs[:at.epoch] + [saved_epoch] + later, at, None,
+                          epochs[:epoch] + [saved_epoch] + later, resumed_at, None,
                           saved.schedule).total_steps
     trained = replan.trained.copy()
-    for step in saved_epoch[replan.old_steps:at.step_in_epoch]:
+    for step in saved_epoch[replan.old_steps:resumed_at.step_in_epoch]:
         for stream in step:
             trained[stream] = True
-    if at.step_in_epoch < len(saved_epoch):
-        replan = EpochReplan(at.step_in_epoch, trained)
-        epochs[at.epoch] = ([None] * at.step_in_epoch
-                            + pack_epoch(split, cfg, world, at.epoch, trained))
+    if resumed_at.step_in_epoch < len(saved_epoch):
+        replan = EpochReplan(resumed_at.step_in_epoch, trained)
+        epochs[epoch] = ([None] * resumed_at.step_in_epoch
+                         + pack_epoch(split, cfg, world, epoch, trained))
     else:  # the epoch is over: the next one starts from nothing
-        epochs[at.epoch] = saved_epoch
-    plan = make_plan(split, cfg, conversation_weight, epochs, at, (at.epoch, replan),
+        epochs[epoch] = saved_epoch
+    plan = make_plan(split, cfg, conversation_weight, epochs, resumed_at, (epoch, replan),
                      saved.schedule)
-    now = saved.schedule.schedule_step(at.step)
-    left = plan.total_steps - at.step
+    now = saved.schedule.schedule_step(resumed_at.step)
+    left = plan.total_steps - resumed_at.step
     pace = (saved.schedule.schedule_step(old_total) - now) / left if left > 0 else 1.0
-    plan.schedule = ScheduleMap(at.step, now, pace)
+    plan.schedule = ScheduleMap(resumed_at.step, now, pace)
     return plan
 
 
