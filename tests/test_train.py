@@ -74,7 +74,8 @@ def test_a_step_gradient_is_exactly_that_of_the_global_weighted_mean_across_rank
 @pytest.mark.parametrize("world", [1, 2])
 def test_the_plain_and_the_fused_loss_give_a_step_the_same_loss_and_gradient(dataset, world):
     """--loss=plain (the formula over the full logits) and --loss=fused, in float64: one step's Σ w·CE of each
-    micro-batch, its per-class sums and its gradient, summed over the ranks, agree to 1e-12."""
+    micro-batch, its per-class sums and its gradient, summed over the ranks, agree (to 1e-7: the model's RMSNorm
+    runs in float32)."""
     result = run(["losses", dataset], world=world, script="tests/train_worker.py")
     assert result.stdout.count("plain and fused loss agree") == world
 

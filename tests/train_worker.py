@@ -83,7 +83,9 @@ def float64_gradient(cfg, meta, split, bins) -> dict:
 
 def plain_and_fused(data_dir):
     """--loss=plain and --loss=fused through train.py's step in float64, each rank two micro-batches of one step:
-    the same Σ w·CE per micro-batch, the same per-class sums, and the same gradient, summed over the ranks."""
+    the same Σ w·CE per micro-batch, the same per-class sums, and the same gradient, summed over the ranks. To 1e-7,
+    not float64's 1e-15: the model normalises in float32 (RMSNorm, as the reference Llama), and two forward passes
+    of two model instances may round one element apart there (seen once: 5e-9 relative, in a CI run)."""
     from torch.distributed.fsdp import fully_shard
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = train.TrainConfig(data=data_dir, model="tiny", batch_max_len=512, grad_accum=2)
@@ -103,10 +105,10 @@ def plain_and_fused(data_dir):
         sums, losses = train.forward_backward(model, batches, weight_sum, len(meta["sources"]), loss)
         results[loss] = sums, losses, {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     (plain_sums, plain_losses, plain_grads), (sums, losses, grads) = results["plain"], results["fused"]
-    torch.testing.assert_close(plain_losses, losses, rtol=1e-12, atol=0)
-    torch.testing.assert_close(plain_sums, sums, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(plain_losses, losses, rtol=1e-7, atol=0)
+    torch.testing.assert_close(plain_sums, sums, rtol=1e-7, atol=1e-12)
     for name, grad in grads.items():
-        assert relative_error(plain_grads[name], grad) < 1e-12, name
+        assert relative_error(plain_grads[name], grad) < 1e-7, name
     print(f"rank {rank}: plain and fused loss agree", flush=True)
 
 
