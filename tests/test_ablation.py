@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tools import ablation
 import data
 from demo import DemoConfig, ensure_base
 from eval import demo_accuracy
 from infra.records import read_all_records
 from sample import Generator
+from tools import ablation
 
 pytestmark = pytest.mark.slow  # the whole file: the full suite only
 

@@ -17,8 +17,8 @@ from conftest import MISTRAL_TOKENIZER, ROOT
 from data import (TEMPLATES, PrepareConfig, ShowConfig, Tokenizer, chat_template,
                   expert_condition, load_meta, load_split, multipack, pack_stream,
                   prepare, show_weights, tokenize_conversation, tokenizer_config)
-from tools.bench import packing_efficiency
 from infra.records import BadInput, Message, Source, parse_record, read_records
+from tools.bench import packing_efficiency
 
 SP = spm.SentencePieceProcessor(model_file=str(MISTRAL_TOKENIZER))
 EOT_ID = 32000

@@ -16,14 +16,13 @@ import pytest
 import torch
 from gguf import GGUFReader, TokenType
 
-from tools import assets
 import data
 from conftest import ROOT
 from data import PrepareConfig, prepare
 from demo import DemoConfig, make_demo
 from infra.hf import load_pretrained
-from model import Transformer
 from infra.records import Message
+from tools import assets
 
 pytestmark = pytest.mark.slow  # the whole file: the full suite only
 

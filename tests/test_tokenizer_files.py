@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from tools import assets
 from data import Tokenizer
 from infra.tokenizer_files import train_sentencepiece
+from tools import assets
 
 
 def test_a_tokenizer_that_already_has_the_special_token_is_refused(tmp_path):
